@@ -1,0 +1,212 @@
+"""Checkpoint I/O: official BEiT-3 ``.pth`` files and our safetensors format (config embedded).
+
+Our module names are the official ones, so the only key translation is a prefix: task models keep the
+backbone under ``beit3.``; a bare :class:`MultiwayTransformer` has no prefix. Pickled checkpoints are
+read with ``torch.load(weights_only=True)`` only, so a file can never run code on load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import Tensor, nn
+
+from .multiway import MultiwayTransformer, interpolate_vision_positions
+
+logger = logging.getLogger(__name__)
+
+BACKBONE_PREFIX = "beit3."
+VISION_POSITIONS = "encoder.embed_positions.A.weight"
+FINAL_NORM = "encoder.layer_norm."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did. Keys are in the model's naming."""
+
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # left at their initial values
+    unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not used
+    reset_heads: list[str] = field(default_factory=list)  # head weights whose shape differed
+    interpolated: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        parts = [f"loaded {len(self.loaded)} tensors"]
+        for name in ("missing", "unexpected", "reset_heads", "interpolated"):
+            keys = getattr(self, name)
+            if keys:
+                parts.append(f"{name}: {_short(keys)}")
+        return "; ".join(parts)
+
+
+def _short(keys: list[str], limit: int = 8) -> str:
+    return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a state dict and its metadata from ``.safetensors`` or a pickled ``.pth``/``.pt``/``.bin``.
+
+    Official files hold the weights under ``model`` or ``module``; both are unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to load — the pickle holds objects other than tensors and plain containers, and "
+            f"loading it would execute code ({str(e).splitlines()[0]}). Only weights-only checkpoints are read."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({e})") from e
+    return unwrap_state_dict(obj, str(path)), {}
+
+
+def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
+    """Take the tensor dict out of an official checkpoint (``{"model": ...}`` or ``{"module": ...}``)."""
+    if isinstance(obj, Mapping):
+        for key in ("model", "module", "state_dict"):
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
+        kind = type(obj).__name__ if not isinstance(obj, Mapping) else f"dict with keys {_short(list(map(str, obj)))}"
+        raise CheckpointError(f"{source}: expected a dict of tensors (optionally under 'model' or 'module'), got {kind}")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _align_prefix(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """Map checkpoint keys to the model's naming: add or strip the ``beit3.`` backbone prefix."""
+    model_has_prefix = not isinstance(model, MultiwayTransformer)
+    ckpt_has_prefix = any(k.startswith(BACKBONE_PREFIX) for k in state)
+    if model_has_prefix and not ckpt_has_prefix:
+        backbone_keys = set(model.beit3.state_dict())
+        return {(BACKBONE_PREFIX + k if k in backbone_keys or k.startswith(FINAL_NORM) else k): v for k, v in state.items()}
+    if not model_has_prefix and ckpt_has_prefix:
+        return {k.removeprefix(BACKBONE_PREFIX): v for k, v in state.items() if k.startswith(BACKBONE_PREFIX)}
+    return dict(state)
+
+
+def load_checkpoint(
+    model: nn.Module,
+    checkpoint: str | os.PathLike | Mapping[str, Tensor],
+    strict: bool = True,
+) -> LoadReport:
+    """Load official or multiway weights into ``model`` (a backbone or a task model).
+
+    * the vision position table is interpolated when the image size differs;
+    * a task-head tensor whose shape differs (e.g. another number of classes) is left freshly initialised;
+    * head keys absent from the checkpoint (a new head) stay initialised; head keys of other tasks are ignored;
+    * the final encoder LayerNorm is ignored by models built without it (as the official loader does);
+    * anything else that does not fit — a missing, unexpected or mismatched backbone tensor — raises
+      :class:`CheckpointError` listing the keys, unless ``strict=False``.
+
+    Returns a :class:`LoadReport`; a summary is logged.
+    """
+    source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "state dict"
+    state = read_checkpoint(checkpoint)[0] if not isinstance(checkpoint, Mapping) else unwrap_state_dict(checkpoint)
+    state = _align_prefix(state, model)
+    prefix = "" if isinstance(model, MultiwayTransformer) else BACKBONE_PREFIX
+    expected = model.state_dict()
+    report = LoadReport()
+    to_load: dict[str, Tensor] = {}
+    mismatched: list[str] = []
+    for key, value in state.items():
+        in_backbone = key.startswith(prefix) if prefix else True
+        if key not in expected:
+            if in_backbone and key.startswith(prefix + FINAL_NORM):
+                continue  # model built without the final LayerNorm (classification / VQA)
+            report.unexpected.append(key)
+            continue
+        target = expected[key]
+        if key == prefix + VISION_POSITIONS and value.shape != target.shape and value.shape[1:] == target.shape[1:]:
+            value = interpolate_vision_positions(value, target.shape[0] - 3)
+            report.interpolated.append(key)
+        if value.shape != target.shape:
+            if in_backbone:
+                mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(target.shape)}")
+            else:
+                report.reset_heads.append(key)
+            continue
+        to_load[key] = value
+    report.missing = [k for k in expected if k not in to_load and k not in report.reset_heads]
+    bad_missing = [k for k in report.missing if not prefix or k.startswith(prefix)]
+    bad_unexpected = [k for k in report.unexpected if not prefix or k.startswith(prefix)]
+    if strict and (bad_missing or bad_unexpected or mismatched):
+        lines = [f"{source} does not fit {type(model).__name__}:"]
+        if bad_missing:
+            lines.append(f"  missing backbone keys ({len(bad_missing)}): {_short(bad_missing)}")
+        if bad_unexpected:
+            lines.append(f"  unexpected backbone keys ({len(bad_unexpected)}): {_short(bad_unexpected)}")
+        if mismatched:
+            lines.append(f"  mismatched shapes ({len(mismatched)}): {_short(mismatched)}")
+        lines.append("  (check the preset: depth, embed_dim, vocab_size, shared_attention, vl_expert_layers)")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(to_load, strict=False)
+    report.loaded = sorted(to_load)
+    if report.reset_heads:
+        logger.warning("head tensors with a different shape were re-initialised: %s", _short(report.reset_heads))
+    logger.info("load_checkpoint(%s): %s", source, report)
+    return report
+
+
+def _atomic_write(path: Path, write: callable) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, official_layout: bool = True) -> Path:
+    """Save weights as safetensors with the config and model name embedded (atomic write).
+
+    ``multiway.create_model(path)`` rebuilds the model from the file alone. The keys are the official ones,
+    so the file also loads into official-layout code (with ``safetensors.torch.load_file``).
+    """
+    from .factory import model_name_of
+
+    path = Path(path)
+    config = model.config
+    head_config = model.head_config() if hasattr(model, "head_config") else {}
+    metadata = {"format": "pt", "multiway_config": config.to_json(), "model_name": model_name_of(model), "head_config": json.dumps(head_config)}
+    # safetensors refuses shared storage; clone so tied/expanded tensors save cleanly.
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))
+    return path
+
+
+def atomic_torch_save(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` through a temporary file + fsync + rename, so a crash never leaves a torn file."""
+    path = Path(path)
+    _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    return path

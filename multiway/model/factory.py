@@ -1,0 +1,123 @@
+"""``create_model``: build a backbone or a task model by name (official names), or from a checkpoint file."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..config import PRESETS, MultiwayConfig, get_config
+from .checkpoints import load_checkpoint, read_checkpoint
+from .heads import TASK_HEADS, BEiT3Model
+from .multiway import MultiwayTransformer
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(MultiwayConfig)}
+
+# The names the official release registers with timm.
+OFFICIAL_MODELS = (
+    "beit3_base_patch16_224_imageclassification",
+    "beit3_large_patch16_224_imageclassification",
+    "beit3_base_patch16_224_nlvr2",
+    "beit3_large_patch16_224_nlvr2",
+    "beit3_base_patch16_384_vqav2",
+    "beit3_base_patch16_480_vqav2",
+    "beit3_large_patch16_384_vqav2",
+    "beit3_large_patch16_480_vqav2",
+    "beit3_large_patch16_768_vqav2",
+    "beit3_base_patch16_224_captioning",
+    "beit3_base_patch16_480_captioning",
+    "beit3_large_patch16_480_captioning",
+    "beit3_base_patch16_224_retrieval",
+    "beit3_base_patch16_384_retrieval",
+    "beit3_large_patch16_384_retrieval",
+)
+
+
+def list_models() -> list[str]:
+    """Every buildable name: each preset alone (the backbone) and each preset with each task suffix."""
+    return sorted(list(PRESETS) + [f"{p}_{t}" for p in PRESETS for t in TASK_HEADS])
+
+
+def split_model_name(name: str) -> tuple[str, str | None]:
+    """``beit3_base_patch16_480_vqav2`` -> (``beit3_base_patch16_480``, ``vqav2``); a bare preset -> (name, None)."""
+    if name in PRESETS:
+        return name, None
+    preset, _, task = name.rpartition("_")
+    if preset in PRESETS and task in TASK_HEADS:
+        return preset, task
+    raise KeyError(
+        f"unknown model {name!r}: expected a preset ({', '.join(sorted(PRESETS))}) optionally followed by "
+        f"_<task> with task in ({', '.join(TASK_HEADS)}), e.g. beit3_base_patch16_480_vqav2"
+    )
+
+
+def model_name_of(model: nn.Module) -> str:
+    """The task suffix a model was built for ('' for a bare backbone)."""
+    for task, (cls, _) in TASK_HEADS.items():
+        if type(model) is cls:
+            return task
+    return ""
+
+
+def build_model(config: MultiwayConfig, task: str | None = None, **head_kwargs: Any) -> nn.Module:
+    """Build a backbone (``task=None``) or a task model from an explicit config."""
+    if task is None:
+        if head_kwargs:
+            raise TypeError(f"a bare backbone takes no head arguments, got {sorted(head_kwargs)}")
+        return MultiwayTransformer(config)
+    if task not in TASK_HEADS:
+        raise KeyError(f"unknown task {task!r}; available: {sorted(TASK_HEADS)}")
+    cls, _ = TASK_HEADS[task]
+    try:
+        return cls(config, **head_kwargs)
+    except TypeError as e:
+        raise TypeError(f"{cls.__name__}: {e}; config fields are {sorted(_CONFIG_FIELDS)}") from e
+
+
+def create_model(name_or_path: str | os.PathLike, pretrained: str | os.PathLike | None = None, **kwargs: Any) -> nn.Module:
+    """Build a model by registered name, or rebuild one from a multiway safetensors file.
+
+    Args:
+        name_or_path: a preset (``beit3_base_patch16_224`` -> the backbone), a preset plus task suffix
+            (``beit3_base_patch16_480_vqav2``, the official names), or a ``.safetensors`` file written by
+            :func:`multiway.save_pretrained` (config embedded).
+        pretrained: optional checkpoint (official ``.pth`` or ours) loaded with :func:`load_checkpoint`.
+        **kwargs: config fields (``depth=2, embed_dim=64, ...``) and head arguments (``num_classes=10``).
+
+    Example:
+        >>> model = create_model("beit3_base_patch16_224_retrieval", depth=2, embed_dim=64, num_heads=4)
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".safetensors" or path.is_file():
+        return _from_file(path, kwargs)
+    preset, task = split_model_name(str(name_or_path))
+    config_kwargs = {k: v for k, v in kwargs.items() if k in _CONFIG_FIELDS}
+    head_kwargs = {k: v for k, v in kwargs.items() if k not in _CONFIG_FIELDS}
+    task_overrides = TASK_HEADS[task][1] if task else {}
+    config = get_config(preset, **{**task_overrides, **config_kwargs})
+    model = build_model(config, task, **head_kwargs)
+    if pretrained is not None:
+        load_checkpoint(model, pretrained)
+    return model
+
+
+def _from_file(path: Path, overrides: dict[str, Any]) -> nn.Module:
+    state, metadata = read_checkpoint(path)
+    if "multiway_config" not in metadata:
+        raise ValueError(
+            f"{path} has no embedded multiway config; build the model by name and load it: "
+            "create_model('<name>', pretrained=path) (or convert it with `multiway convert`)"
+        )
+    config = MultiwayConfig.from_json(metadata["multiway_config"])
+    config = config.replace(**{k: v for k, v in overrides.items() if k in _CONFIG_FIELDS})
+    head_kwargs = {**json.loads(metadata.get("head_config", "{}")), **{k: v for k, v in overrides.items() if k not in _CONFIG_FIELDS}}
+    model = build_model(config, metadata.get("model_name") or None, **head_kwargs)
+    load_checkpoint(model, state)
+    return model
+
+
+__all__ = ["OFFICIAL_MODELS", "BEiT3Model", "build_model", "create_model", "list_models", "split_model_name"]

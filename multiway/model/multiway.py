@@ -1,0 +1,443 @@
+"""The Multiway Transformer backbone (BEiT-3).
+
+One Transformer encoder whose sublayers hold per-modality *experts*: ``A`` for vision tokens, ``B`` for
+language tokens and, in the paper's variant, ``C`` for every token of a fused image-text input in the top
+layers. A sequence is ``[vision tokens; text tokens]``; routing is by the number of leading vision tokens
+(``num_vision``), passed as an argument, so each expert runs one dense matmul on its contiguous slice and
+the module holds no routing state (safe under ``torch.compile`` and concurrent calls).
+
+Module and parameter names follow the official release (``encoder.layers.0.self_attn.q_proj.A.weight``,
+``encoder.embed_positions.B.weight`` ...), so official state dicts load without renaming. Numerics follow
+the official implementation: pre-LN with sub-LayerNorms (Magneto), learned absolute positions with the
+fairseq offset of 2 restarting per modality, padded tokens zeroed after the embedding, padded keys never
+attended to. Attention runs through ``F.scaled_dot_product_attention`` with one combined boolean mask.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import MultiwayConfig
+
+# Official position tables reserve rows 0 and 1 (fairseq's padding offset); real positions start at 2.
+POSITION_OFFSET = 2
+
+
+class Experts(nn.ModuleDict):
+    """Per-modality copies of one module: ``A`` (vision), ``B`` (language), optionally ``C`` (vision-language).
+
+    ``forward(x, num_vision)`` applies ``A`` to the first ``num_vision`` tokens and ``B`` to the rest, each as
+    one call on a contiguous slice; ``forward(x, num_vision, expert="C")`` applies one expert to all tokens.
+    """
+
+    def __init__(self, make: callable, names: tuple[str, ...] = ("A", "B")):
+        super().__init__({name: make() for name in names})
+
+    def forward(self, x: Tensor, num_vision: int, expert: str | None = None) -> Tensor:
+        if expert is not None:
+            return self[expert](x)
+        length = x.shape[1]
+        if num_vision >= length:
+            return self["A"](x)
+        if num_vision <= 0:
+            return self["B"](x)
+        return torch.cat([self["A"](x[:, :num_vision]), self["B"](x[:, num_vision:])], dim=1)
+
+
+class FeedForward(nn.Module):
+    """``fc2(subLN(GELU(fc1(x))))`` — the Magneto FFN with a LayerNorm on the hidden activations."""
+
+    def __init__(self, dim: int, hidden: int, eps: float):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.ffn_layernorm = nn.LayerNorm(hidden, eps=eps)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.ffn_layernorm(F.gelu(self.fc1(x))))
+
+
+def _linear(dim: int) -> nn.Linear:
+    return nn.Linear(dim, dim)
+
+
+class KVCache:
+    """Per-layer keys/values for incremental decoding; each entry is (B, heads, length, head_dim).
+
+    ``crop(n)`` drops the last ``n`` positions (the beam-search protocol drops the ``<mask>`` slot after each
+    step) and ``reorder(index)`` selects batch rows (beam re-ranking).
+    """
+
+    def __init__(self, num_layers: int):
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+        # Whether any cached position is a vision token; decides "fused" routing for the paper variant.
+        self.has_vision = False
+
+    def __len__(self) -> int:
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def crop(self, drop_last: int) -> None:
+        self.keys = [k[:, :, :-drop_last] for k in self.keys]
+        self.values = [v[:, :, :-drop_last] for v in self.values]
+
+    def reorder(self, index: Tensor) -> None:
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+
+    @classmethod
+    def from_incremental_state(cls, state: dict, num_layers: int) -> "KVCache":
+        """Read the official ``incremental_state`` layout: ``{layer: {"prev_key": (B,H,L,hd), "prev_value": ...}}``."""
+        cache = cls(num_layers)
+        for i in range(num_layers):
+            layer = state.get(i) or {}
+            cache.keys[i], cache.values[i] = layer.get("prev_key"), layer.get("prev_value")
+        # In the official protocol a non-empty cache always starts with the image.
+        cache.has_vision = cache.keys[0] is not None
+        return cache
+
+    def to_incremental_state(self, state: dict) -> None:
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            state[i] = {"prev_key": k, "prev_value": v}
+
+
+class MultiwaySelfAttention(nn.Module):
+    """Multi-head self-attention with expert-routed (or shared) projections and a sub-LayerNorm."""
+
+    def __init__(self, cfg: MultiwayConfig, shared: bool):
+        super().__init__()
+        dim, eps = cfg.embed_dim, cfg.layer_norm_eps
+        self.num_heads = cfg.num_heads
+        self.shared = shared
+        if shared:
+            self.q_proj, self.k_proj, self.v_proj, self.out_proj = (_linear(dim) for _ in range(4))
+            self.inner_attn_ln = nn.LayerNorm(dim, eps=eps)
+        else:
+            self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Experts(lambda: _linear(dim)) for _ in range(4))
+            self.inner_attn_ln = Experts(lambda: nn.LayerNorm(dim, eps=eps))
+
+    def _route(self, module: nn.Module, x: Tensor, num_vision: int) -> Tensor:
+        return module(x) if self.shared else module(x, num_vision)
+
+    def forward(
+        self,
+        x: Tensor,
+        num_vision: int,
+        attn_mask: Tensor | None,
+        layer_index: int = 0,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        """x: (B, L, D); attn_mask: bool, broadcastable to (B, heads, L, L_keys), True = may attend."""
+        batch, length, dim = x.shape
+        split = lambda t: t.view(batch, length, self.num_heads, -1).transpose(1, 2)  # noqa: E731
+        q = split(self._route(self.q_proj, x, num_vision))
+        k = split(self._route(self.k_proj, x, num_vision))
+        v = split(self._route(self.v_proj, x, num_vision))
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_index, k, v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        out = out.transpose(1, 2).reshape(batch, length, dim)
+        out = self._route(self.inner_attn_ln, out, num_vision)
+        return self._route(self.out_proj, out, num_vision)
+
+
+class MultiwayBlock(nn.Module):
+    """Pre-LN Transformer block: ``x += attn(LN(x))``; ``x += FFN(LN(x))``, LNs and FFN per expert."""
+
+    def __init__(self, cfg: MultiwayConfig, index: int, drop_path: float):
+        super().__init__()
+        dim, eps = cfg.embed_dim, cfg.layer_norm_eps
+        self.index = index
+        self.shared_attention = cfg.shared_attention
+        # The paper's vision-language expert lives in the top `vl_expert_layers` layers only.
+        self.has_vl_expert = index >= cfg.depth - cfg.vl_expert_layers
+        ffn_experts = ("A", "B", "C") if self.has_vl_expert else ("A", "B")
+        if cfg.shared_attention:
+            self.self_attn_layer_norm = nn.LayerNorm(dim, eps=eps)
+        else:
+            self.self_attn_layer_norm = Experts(lambda: nn.LayerNorm(dim, eps=eps))
+        self.self_attn = MultiwaySelfAttention(cfg, shared=cfg.shared_attention)
+        self.final_layer_norm = Experts(lambda: nn.LayerNorm(dim, eps=eps), ffn_experts)
+        self.ffn = Experts(lambda: FeedForward(dim, cfg.ffn_dim, eps), ffn_experts)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(
+        self,
+        x: Tensor,
+        num_vision: int,
+        attn_mask: Tensor | None,
+        fused: bool = False,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
+        h = self.self_attn_layer_norm(x) if self.shared_attention else self.self_attn_layer_norm(x, num_vision)
+        x = x + self.drop_path(self.self_attn(h, num_vision, attn_mask, self.index, kv_cache))
+        expert = "C" if (fused and self.has_vl_expert) else None
+        h = self.ffn(self.final_layer_norm(x, num_vision, expert), num_vision, expert)
+        return x + self.drop_path(h)
+
+
+class VisionEmbedding(nn.Module):
+    """Patchify with a strided conv, optionally replace masked patches by ``mask_token``, prepend ``cls_token``."""
+
+    def __init__(self, cfg: MultiwayConfig):
+        super().__init__()
+        self.img_size, self.patch_size = cfg.img_size, cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+
+    def forward(self, image: Tensor, masked_positions: Tensor | None = None) -> Tensor:
+        """image: (B, C, H, W) with H = W = img_size; masked_positions: (B, N) bool/0-1. Returns (B, 1+N, D)."""
+        if image.shape[-2:] != (self.img_size, self.img_size):
+            raise ValueError(
+                f"image is {tuple(image.shape[-2:])} but the model was built for {self.img_size}x{self.img_size}; "
+                "resize the input or build the model with img_size=... (checkpoints interpolate their position table)"
+            )
+        x = self.proj(image).flatten(2).transpose(1, 2)
+        if masked_positions is not None:
+            w = masked_positions.unsqueeze(-1).to(x.dtype)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+
+
+class PositionTables(nn.ModuleDict):
+    """The two learned absolute position tables: ``A`` (vision, N+3 rows) and ``B`` (text)."""
+
+    def __init__(self, cfg: MultiwayConfig):
+        super().__init__(
+            {
+                "A": nn.Embedding(cfg.num_vision_tokens + POSITION_OFFSET, cfg.embed_dim),
+                "B": nn.Embedding(cfg.max_text_positions, cfg.embed_dim),
+            }
+        )
+
+
+class Encoder(nn.Module):
+    """Holds the position tables, the blocks and the final LayerNorm (official names under ``encoder.``)."""
+
+    def __init__(self, cfg: MultiwayConfig):
+        super().__init__()
+        self.embed_positions = PositionTables(cfg)
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.layers = nn.ModuleList(MultiwayBlock(cfg, i, rates[i]) for i in range(cfg.depth))
+        eps = cfg.layer_norm_eps
+        self.layer_norm = Experts(lambda: nn.LayerNorm(cfg.embed_dim, eps=eps)) if cfg.normalize_output else None
+
+
+@dataclass
+class MultiwayOutput:
+    """What the backbone returns.
+
+    last_hidden_state: (B, L, D) — vision tokens (CLS first) then text tokens.
+    num_vision: number of leading vision tokens in ``last_hidden_state`` (0 for text-only input).
+    padding_mask: (B, L) bool, True = padding, or None when nothing is padded.
+    hidden_states: per-layer inputs plus the last layer's output when requested, else empty.
+    """
+
+    last_hidden_state: Tensor
+    num_vision: int
+    padding_mask: Tensor | None = None
+    hidden_states: tuple[Tensor, ...] = field(default_factory=tuple)
+
+
+class MultiwayTransformer(nn.Module):
+    """The BEiT-3 backbone: text/vision embeddings and a Multiway Transformer encoder.
+
+    The five adaptation modes are calls on this one module: :meth:`encode_image` (vision encoder),
+    :meth:`encode_text` (language encoder), :meth:`encode_fused` (fusion encoder); the dual encoder and
+    image-to-text generation add small heads on top (see :mod:`multiway.model.heads`) and use
+    :meth:`forward` with ``attn_mask`` / ``kv_cache``.
+    """
+
+    def __init__(self, cfg: MultiwayConfig):
+        super().__init__()
+        self.config = cfg
+        self.text_embed = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.vision_embed = VisionEmbedding(cfg)
+        self.encoder = Encoder(cfg)
+        self.grad_checkpointing = cfg.grad_checkpointing
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as the official fine-tuning wrapper does: Linear ~ trunc_normal(0.02, ±0.02), LN = (1, 0)."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.text_embed.weight, std=self.config.embed_dim**-0.5)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.encoder.layers)
+
+    def new_kv_cache(self) -> KVCache:
+        return KVCache(self.num_layers)
+
+    def forward(
+        self,
+        image: Tensor | None = None,
+        text_ids: Tensor | None = None,
+        text_padding_mask: Tensor | None = None,
+        *,
+        attn_mask: Tensor | None = None,
+        image_masked_positions: Tensor | None = None,
+        text_positions: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        output_hidden_states: bool = False,
+    ) -> MultiwayOutput:
+        """Encode an image, a text, or both (fused).
+
+        Args:
+            image: (B, C, H, W) float.
+            text_ids: (B, T) long token ids.
+            text_padding_mask: (B, T), nonzero/True = padding.
+            attn_mask: bool (L, L_keys) or (B, L, L_keys), True = may attend; L_keys includes cached keys.
+            image_masked_positions: (B, N) patches replaced by the mask token (masked image modeling).
+            text_positions: (B or 1, T) rows of the text position table (default ``2 .. T+1``); used when
+                decoding incrementally.
+            kv_cache: a :class:`KVCache`; keys/values of this call are appended to it.
+            output_hidden_states: also return every layer's input and the last layer's output.
+
+        Returns:
+            :class:`MultiwayOutput` with ``last_hidden_state`` of shape (B, [1+N] + [T], D).
+        """
+        if image is None and text_ids is None:
+            raise ValueError("pass an image, text_ids or both")
+        tables = self.encoder.embed_positions
+        parts, num_vision = [], 0
+        if image is not None:
+            x_img = self.vision_embed(image, image_masked_positions)
+            num_vision = x_img.shape[1]
+            rows = torch.arange(POSITION_OFFSET, POSITION_OFFSET + num_vision, device=x_img.device)
+            parts.append(x_img + tables["A"](rows))
+        padding_mask = None
+        if text_ids is not None:
+            x_txt = self.text_embed(text_ids)
+            if text_positions is None:
+                if text_ids.shape[1] + POSITION_OFFSET > tables["B"].num_embeddings:
+                    raise ValueError(
+                        f"text of {text_ids.shape[1]} tokens does not fit the text position table of "
+                        f"{tables['B'].num_embeddings} rows (max_text_positions); at most "
+                        f"{tables['B'].num_embeddings - POSITION_OFFSET} tokens fit"
+                    )
+                text_positions = torch.arange(POSITION_OFFSET, POSITION_OFFSET + text_ids.shape[1], device=text_ids.device)
+            x_txt = x_txt + tables["B"](text_positions)
+            # Skipping an all-zero padding mask keeps the mask-free (flash) attention path; under
+            # torch.compile the data-dependent check is skipped to avoid a graph break.
+            if text_padding_mask is not None and (torch.compiler.is_compiling() or text_padding_mask.any()):
+                text_pad = text_padding_mask.bool()
+                x_txt = x_txt.masked_fill(text_pad.unsqueeze(-1), 0.0)
+                padding_mask = text_pad if image is None else F.pad(text_pad, (num_vision, 0), value=False)
+            parts.append(x_txt)
+        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+        mask = self._combine_masks(attn_mask, padding_mask, kv_cache)
+        fused = num_vision > 0 and text_ids is not None
+        if kv_cache is not None:
+            fused = fused or (kv_cache.has_vision and text_ids is not None)
+        hidden_states = []
+        for layer in self.encoder.layers:
+            if output_hidden_states:
+                hidden_states.append(x)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, num_vision, mask, fused, kv_cache, use_reentrant=False)
+            else:
+                x = layer(x, num_vision, mask, fused, kv_cache)
+        if kv_cache is not None and num_vision > 0:
+            kv_cache.has_vision = True
+        if self.encoder.layer_norm is not None:
+            x = self.encoder.layer_norm(x, num_vision)
+        if output_hidden_states:
+            hidden_states.append(x)
+        return MultiwayOutput(x, num_vision, padding_mask, tuple(hidden_states))
+
+    @staticmethod
+    def _combine_masks(attn_mask: Tensor | None, padding_mask: Tensor | None, kv_cache: KVCache | None) -> Tensor | None:
+        """One boolean SDPA mask, True = may attend, broadcastable to (B, 1, L, L_keys)."""
+        mask = None
+        if attn_mask is not None:
+            if attn_mask.dtype != torch.bool:
+                raise TypeError("attn_mask must be bool with True = may attend")
+            mask = attn_mask.unsqueeze(-3) if attn_mask.dim() == 3 else attn_mask
+        if padding_mask is not None:
+            keys_ok = ~padding_mask
+            if kv_cache is not None and len(kv_cache):
+                # Cached positions were never padding: the decoding protocol caches image + real prefix only.
+                keys_ok = F.pad(keys_ok, (len(kv_cache), 0), value=True)
+            keys_ok = keys_ok[:, None, None, :]
+            mask = keys_ok if mask is None else mask & keys_ok
+        return mask
+
+    # --- adaptation modes -------------------------------------------------------------------------------
+
+    def encode_image(self, image: Tensor, masked_positions: Tensor | None = None) -> Tensor:
+        """Vision encoder. image: (B, C, H, W) -> (B, 1+N, D); token 0 is CLS. Only vision experts run."""
+        return self(image=image, image_masked_positions=masked_positions).last_hidden_state
+
+    def encode_text(self, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Language encoder. text_ids: (B, T) -> (B, T, D); token 0 is ``<s>``. Only language experts run."""
+        return self(text_ids=text_ids, text_padding_mask=padding_mask).last_hidden_state
+
+    def encode_fused(
+        self,
+        image: Tensor,
+        text_ids: Tensor,
+        padding_mask: Tensor | None = None,
+        image_masked_positions: Tensor | None = None,
+    ) -> MultiwayOutput:
+        """Fusion encoder: one joint attention over ``[vision; text]``. Output (B, 1+N+T, D)."""
+        return self(image, text_ids, padding_mask, image_masked_positions=image_masked_positions)
+
+
+def image_to_text_mask(num_vision: int, num_text: int, device: torch.device | None = None) -> Tensor:
+    """The captioning (seq2seq) mask, (I+T, I+T) bool, True = may attend.
+
+    Image attends to image only; text attends to all image tokens and causally to text (diagonal included).
+    """
+    total = num_vision + num_text
+    allowed = torch.zeros(total, total, dtype=torch.bool, device=device)
+    allowed[:num_vision, :num_vision] = True
+    allowed[num_vision:, :num_vision] = True
+    allowed[num_vision:, num_vision:] = torch.ones(num_text, num_text, dtype=torch.bool, device=device).tril()
+    return allowed
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def interpolate_vision_positions(table: Tensor, num_patches: int) -> Tensor:
+    """Resize a vision position table (``POSITION_OFFSET`` + CLS + grid rows) to ``num_patches`` grid cells.
+
+    The first 3 rows (fairseq offset rows and CLS) are kept; the square grid is resized bicubically
+    (``align_corners=False``), as the official loader does. (R, D) -> (3 + num_patches, D).
+    """
+    extra = POSITION_OFFSET + 1
+    old = table.shape[0] - extra
+    old_side, new_side = math.isqrt(old), math.isqrt(num_patches)
+    if old_side**2 != old or new_side**2 != num_patches:
+        raise ValueError(f"vision position table of {table.shape[0]} rows is not 3 + a square grid")
+    if old == num_patches:
+        return table
+    grid = table[extra:].float().reshape(1, old_side, old_side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(num_patches, -1).to(table.dtype)
+    return torch.cat([table[:extra], grid], dim=0)
