@@ -1,0 +1,184 @@
+"""SentencePiece text tokenizer with the XLM-R (fairseq) id conventions used by BEiT-3.
+
+BEiT-3 tokenizes with ``transformers.XLMRobertaTokenizer("beit3.spm")``. That tokenizer re-maps the raw
+SentencePiece ids so that the fairseq specials come first::
+
+    <s>=0  <pad>=1  </s>=2  <unk>=3  piece i (i >= 3 in the spm model) -> i + 1   <mask> = len(spm) + 1
+
+``vocab_size`` is ``len(spm) + 2`` (64002 for ``beit3.spm``). The model's text embedding table must have at
+least that many rows (the official one has 64010). This module reproduces those ids with ``sentencepiece``
+alone, so transformers is not needed at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+FAIRSEQ_OFFSET = 1
+
+
+class TextTokenizer:
+    """A SentencePiece model read from a local ``.spm``/``.model`` file, with XLM-R special ids.
+
+    Args:
+        model_file: path of the SentencePiece model (e.g. the official ``beit3.spm``).
+    """
+
+    bos_id = BOS_ID
+    pad_id = PAD_ID
+    eos_id = EOS_ID
+    unk_id = UNK_ID
+
+    def __init__(self, model_file: str | os.PathLike) -> None:
+        import sentencepiece as spm
+
+        path = Path(model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"SentencePiece model not found: {path}")
+        self.model_file = str(path)
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        # the spm model must put <unk>, <s>, </s> at 0, 1, 2 (sentencepiece's default and XLM-R's layout)
+        if self.sp.unk_id() != 0:
+            raise ValueError(f"{path}: expected <unk> at spm id 0 (XLM-R layout), got {self.sp.unk_id()}")
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __getstate__(self) -> dict:  # SentencePieceProcessor pickles poorly across dataloader workers
+        return {"model_file": self.model_file}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_file"])
+
+    @property
+    def num_pieces(self) -> int:
+        """Pieces in the SentencePiece model (64000 for ``beit3.spm``)."""
+        return len(self.sp)
+
+    @property
+    def vocab_size(self) -> int:
+        """Like ``XLMRobertaTokenizer.vocab_size``: pieces + fairseq offset + ``<mask>`` = ``len(spm) + 2``."""
+        return len(self.sp) + FAIRSEQ_OFFSET + 1
+
+    @property
+    def mask_id(self) -> int:
+        """``<mask>``, right after the vocabulary: ``len(spm) + 1``."""
+        return len(self.sp) + FAIRSEQ_OFFSET
+
+    @property
+    def special_ids(self) -> tuple[int, ...]:
+        return (BOS_ID, PAD_ID, EOS_ID, self.mask_id)
+
+    def tokenize(self, text: str) -> list[str]:
+        return self.sp.encode(text, out_type=str)
+
+    def _to_fairseq(self, spm_id: int) -> int:
+        if spm_id == self.sp.unk_id():
+            return UNK_ID
+        if spm_id == self.sp.bos_id():
+            return BOS_ID
+        if spm_id == self.sp.eos_id():
+            return EOS_ID
+        return spm_id + FAIRSEQ_OFFSET
+
+    def text_to_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens (what the official indexes store as ``text_segment``)."""
+        return [self._to_fairseq(i) for i in self.sp.encode(text)]
+
+    def encode(self, text: str | Sequence[int], max_len: int) -> tuple[list[int], list[int]]:
+        """``[<s>] ids[:max_len-2] [</s>]`` right-padded with ``<pad>`` to ``max_len``.
+
+        ``text`` is a string or already-converted ids without specials (an index's ``text_segment``).
+        Returns ``(ids, padding_mask)``, both of length ``max_len``; ``padding_mask`` is 1 on pads.
+        """
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 (room for <s> and </s>), got {max_len}")
+        ids = self.text_to_ids(text) if isinstance(text, str) else [int(i) for i in text]
+        ids = [BOS_ID] + ids[: max_len - 2] + [EOS_ID]
+        n = len(ids)
+        return ids + [PAD_ID] * (max_len - n), [0] * n + [1] * (max_len - n)
+
+    def __call__(self, texts: str | Iterable[str | Sequence[int]], max_len: int = 64) -> dict[str, torch.Tensor]:
+        """Batch-encode; returns ``{"language_tokens": (B,T) long, "padding_mask": (B,T) long}``."""
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = [self.encode(t, max_len) for t in texts]
+        return {
+            "language_tokens": torch.tensor([r[0] for r in rows], dtype=torch.long).view(len(rows), max_len),
+            "padding_mask": torch.tensor([r[1] for r in rows], dtype=torch.long).view(len(rows), max_len),
+        }
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = True) -> str:
+        """Text of one id sequence. Stops nowhere: pads and specials are dropped when ``skip_special_tokens``."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        named = {BOS_ID: "<s>", PAD_ID: "<pad>", EOS_ID: "</s>", self.mask_id: "<mask>"}
+        out: list[str] = []
+        run: list[int] = []  # spm ids decoded together so word boundaries come out right
+        for i in ids:
+            i = int(i)
+            if i in named:
+                if skip_special_tokens:
+                    continue
+                out.append(self.sp.decode(run))
+                run = []
+                out.append(named[i])
+            elif i == UNK_ID:
+                run.append(self.sp.unk_id())
+            elif FAIRSEQ_OFFSET < i < self.mask_id:
+                run.append(i - FAIRSEQ_OFFSET)
+            else:
+                raise ValueError(f"token id {i} is outside the vocabulary [0, {self.vocab_size})")
+        out.append(self.sp.decode(run))
+        return "".join(out)
+
+    def batch_decode(self, batch: torch.Tensor | Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(row, skip_special_tokens) for row in batch]
+
+
+def train_text_tokenizer(
+    corpus_files: Sequence[str | os.PathLike],
+    out_prefix: str | os.PathLike,
+    vocab_size: int = 8000,
+    model_type: str = "unigram",
+    character_coverage: float = 0.9995,
+    input_sentence_size: int = 2_000_000,
+    seed: int = 0,
+) -> Path:
+    """Train a SentencePiece model on text files (one sentence per line); returns ``<out_prefix>.model``.
+
+    The model keeps sentencepiece's default special layout (``<unk>``=0, ``<s>``=1, ``</s>``=2, no pad piece),
+    which is the XLM-R layout :class:`TextTokenizer` expects. The resulting tokenizer has
+    ``vocab_size + 2`` ids, so a model's text embedding needs at least that many rows.
+    """
+    import sentencepiece as spm
+
+    files = [str(f) for f in corpus_files]
+    for f in files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"corpus file not found: {f}")
+    out_prefix = Path(out_prefix)
+    out_prefix.parent.mkdir(parents=True, exist_ok=True)
+    if hasattr(spm, "set_random_generator_seed"):  # sentence sampling is random; make it reproducible
+        spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        input=files,
+        model_prefix=str(out_prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        input_sentence_size=input_sentence_size,
+        shuffle_input_sentence=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=min(4, os.cpu_count() or 1),
+        minloglevel=2,
+    )
+    return out_prefix.with_name(out_prefix.name + ".model")
