@@ -1,0 +1,106 @@
+"""Masked data modeling (BEiT-3 §2.2): one loss over text-only, image-only and image-text streams.
+
+A pretraining batch is a dict of streams; each stream is a dict of tensors (any may be absent)::
+
+    batch = {
+        "text":  {"text_ids" (B,T) masked input ids, "padding_mask" (B,T) 1=pad,
+                  "text_masked_positions" (B,T) bool, "text_targets" (M_t,) original ids at the masked positions},
+        "image": {"image" (B,3,H,W), "image_masked_positions" (B,N) bool, "image_targets" (M_i,) visual tokens},
+        "pair":  {all of the above; image masking optional (no "image_masked_positions" = image left intact)},
+    }
+
+Targets are listed in row-major order of the masked positions (``ids[mask]``), the order in which
+:class:`multiway.BEiT3ForPretraining` returns logits. Each stream's loss is the cross-entropy averaged over its
+masked tokens; the total is the sum over streams (text, image, pair-text, pair-image), each weighted by
+``weights`` (default 1). Logged: ``<stream>/loss`` and ``<stream>/acc`` (masked-token accuracy) for
+``text``, ``image``, ``pair_text`` and ``pair_image``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+STREAMS = ("text", "image", "pair")
+
+
+def masked_ce(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy and accuracy over masked tokens. logits: (M, V), targets: (M,). Returns (loss, acc), fp32.
+
+    With M = 0 the loss is a zero that still depends on ``logits`` (keeps DDP's gradient graph connected).
+    """
+    if logits.shape[0] != targets.shape[0]:
+        raise ValueError(f"{logits.shape[0]} logits for {targets.shape[0]} targets: masked positions and targets disagree")
+    logits = logits.float()
+    if targets.numel() == 0:
+        return logits.sum() * 0.0, torch.zeros((), device=logits.device)
+    loss = F.cross_entropy(logits, targets)
+    acc = (logits.detach().argmax(-1) == targets).float().mean()
+    return loss, acc
+
+
+def stream_loss(model: nn.Module, name: str, s: dict) -> dict[str, tuple[Tensor, Tensor]]:
+    """Forward one stream through a :class:`~multiway.BEiT3ForPretraining`; returns ``{part: (loss, acc)}``."""
+    text_mask = s.get("text_masked_positions")
+    image_mask = s.get("image_masked_positions")
+    text_logits, image_logits = model(
+        image=s.get("image"),
+        text_ids=s.get("text_ids"),
+        padding_mask=s.get("padding_mask"),
+        image_masked_positions=image_mask,
+        text_masked_positions=text_mask,
+    )
+    out = {}
+    prefix = "" if name != "pair" else "pair_"
+    if text_logits is not None:
+        out[f"{prefix}text" if prefix else "text"] = masked_ce(text_logits, s["text_targets"])
+    if image_logits is not None:
+        out[f"{prefix}image" if prefix else "image"] = masked_ce(image_logits, s["image_targets"])
+    return out
+
+
+def mdm_loss(model: nn.Module, batch: dict, weights: dict[str, float] | None = None) -> tuple[Tensor, dict[str, float]]:
+    """The masked-data-modeling loss of a mixed batch (see the module docstring). Returns (loss, logs)."""
+    weights = weights or {}
+    total: Tensor | None = None
+    logs: dict[str, float] = {}
+    for name in STREAMS:
+        s = batch.get(name)
+        if not s:
+            continue
+        for part, (loss, acc) in stream_loss(model, name, s).items():
+            w = weights.get(part, 1.0)
+            total = loss * w if total is None else total + loss * w
+            logs[f"{part}/loss"] = loss.detach().item()
+            logs[f"{part}/acc"] = acc.item()
+    if total is None:
+        raise ValueError(f"pretraining batch has no stream: expected some of {STREAMS}, got keys {sorted(batch)}")
+    return total, logs
+
+
+@torch.no_grad()
+def masked_accuracy_counts(model: nn.Module, batch: dict) -> dict[str, tuple[int, int]]:
+    """``{part: (correct, total)}`` over the masked tokens of a batch (for held-out evaluation)."""
+    out: dict[str, tuple[int, int]] = {}
+    for name in STREAMS:
+        s = batch.get(name)
+        if not s:
+            continue
+        text_logits, image_logits = model(
+            image=s.get("image"),
+            text_ids=s.get("text_ids"),
+            padding_mask=s.get("padding_mask"),
+            image_masked_positions=s.get("image_masked_positions"),
+            text_masked_positions=s.get("text_masked_positions"),
+        )
+        prefix = "pair_" if name == "pair" else ""
+        for part, logits, key in ((f"{prefix}text", text_logits, "text_targets"), (f"{prefix}image", image_logits, "image_targets")):
+            if logits is None:
+                continue
+            t = s[key]
+            out[part] = (int((logits.argmax(-1) == t).sum()), int(t.numel()))
+    return out
+
+
+__all__ = ["STREAMS", "masked_accuracy_counts", "masked_ce", "mdm_loss", "stream_loss"]
