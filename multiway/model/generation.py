@@ -1,0 +1,254 @@
+"""Caption generation for :class:`BEiT3ForCaptioning`: greedy and beam search with the key/value cache.
+
+Decoding follows the official BEiT-3 protocol (unilm ``CaptioningHandler.eval_batch``), batched over images
+and beams with tensor operations instead of a per-example Python loop:
+
+* step 1 feeds the image and ``[<s>, <mask>]``; every later step feeds ``[last word, <mask>]`` as text only,
+  at text positions ``cur_len .. cur_len+1``, under the last two rows of the seq2seq mask;
+* the next-word distribution is read at the ``<mask>`` slot; after each step the ``<mask>`` key/value is
+  dropped from the cache, so the cache holds the image and the real prefix only;
+* beam search keeps ``num_beams`` live hypotheses per image, closes one when ``</s>`` ranks among the
+  candidates ahead of the ``num_beams``-th live continuation, scores a closed hypothesis as
+  ``sum_logprob / len ** length_penalty`` (``len`` counts ``<s>`` and ``</s>``), and stops an image when no live
+  beam can beat its best closed one (``early_stopping=False``, the official setting) or as soon as one is
+  closed (``early_stopping=True``);
+* at the last step (``len == max_len - 1``) the best candidate closes its beam with ``</s>`` in place of the
+  predicted word (the official handler's rule), so outputs are at most ``max_len`` tokens with ``<s>``/``</s>``.
+
+Images whose decoding is over are dropped from the running batch (their cache rows are removed).
+``use_cache=False`` recomputes the whole sequence each step; it gives the same result and exists to test
+the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .multiway import KVCache
+
+BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
+
+
+@dataclass
+class GenerationOutput:
+    """sequences: (B, max_len) long — ``<s> w1 .. wn </s>`` then ``<pad>``; scores: (B,) length-normalised log-prob."""
+
+    sequences: Tensor
+    scores: Tensor
+
+
+class _Stepper:
+    """Runs decoding steps of a captioning model and returns next-token log-probs at the ``<mask>`` slot.
+
+    With ``use_cache`` it follows the incremental protocol (cache of image + prefix); without, it re-encodes
+    image + full prefix + ``<mask>`` each step. Rows can be re-indexed (beam re-ranking, pruning finished images).
+    """
+
+    def __init__(self, model: nn.Module, image: Tensor, mask_id: int, use_cache: bool):
+        self.model, self.image, self.mask_id, self.use_cache = model, image, mask_id, use_cache
+        self.cache: KVCache | None = model.beit3.new_kv_cache() if use_cache else None
+
+    def _mask_col(self, n: int, device: torch.device) -> Tensor:
+        return torch.full((n, 1), self.mask_id, dtype=torch.long, device=device)
+
+    def first(self, bos: Tensor) -> Tensor:
+        """bos: (N, 1) -> log-probs (N, V). Encodes the image (its keys/values are cached)."""
+        ids = torch.cat([bos, self._mask_col(bos.shape[0], bos.device)], dim=1)
+        logits, _ = self.model(self.image, ids, text_len=2, incremental_state=self.cache)
+        if self.cache is not None:
+            self.cache.crop(1)  # drop the <mask> slot
+        return F.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def next(self, prefix: Tensor) -> Tensor:
+        """prefix: (N, n) real tokens so far, ``<s>`` first -> log-probs (N, V) for token ``n``."""
+        n = prefix.shape[1]
+        if self.cache is None:
+            ids = torch.cat([prefix, self._mask_col(prefix.shape[0], prefix.device)], dim=1)
+            logits, _ = self.model(self.image, ids)
+            return F.log_softmax(logits[:, -1].float(), dim=-1)
+        ids = torch.cat([prefix[:, -1:], self._mask_col(prefix.shape[0], prefix.device)], dim=1)
+        logits, _ = self.model(None, ids, text_len=n + 1, incremental_state=self.cache)
+        self.cache.crop(1)
+        return F.log_softmax(logits[:, -1].float(), dim=-1)
+
+    def select(self, index: Tensor) -> None:
+        """Keep/reorder rows: the cache (or the images when recomputing)."""
+        if self.cache is not None:
+            self.cache.reorder(index)
+        else:
+            self.image = self.image.index_select(0, index)
+
+
+def _check(model: nn.Module, image: Tensor, max_len: int) -> None:
+    if not hasattr(model, "mlm_head") or not hasattr(model, "beit3"):
+        raise TypeError(f"caption generation needs a BEiT3ForCaptioning model, got {type(model).__name__}")
+    if image.dim() != 4:
+        raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
+    if max_len < 3:
+        raise ValueError(f"max_len must be >= 3 (<s>, one word, </s>), got {max_len}")
+    table = model.beit3.encoder.embed_positions["B"].num_embeddings
+    if max_len + 2 > table:
+        raise ValueError(f"max_len={max_len} needs {max_len + 2} text position rows; the model has {table} (max_text_positions)")
+
+
+@torch.no_grad()
+def greedy_search(
+    model: nn.Module,
+    image: Tensor,
+    mask_id: int,
+    max_len: int = 32,
+    length_penalty: float = 0.6,
+    bos_id: int = BOS_ID,
+    eos_id: int = EOS_ID,
+    pad_id: int = PAD_ID,
+    use_cache: bool = True,
+) -> GenerationOutput:
+    """Arg-max decoding. image: (B, C, H, W) -> :class:`GenerationOutput` with sequences (B, max_len).
+
+    ``length_penalty`` only affects the returned scores (``sum_logprob / len ** length_penalty``).
+    """
+    _check(model, image, max_len)
+    batch, device = image.shape[0], image.device
+    out = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
+    out_scores = torch.zeros(batch, device=device)
+    tokens = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
+    tokens[:, 0] = bos_id
+    sums = torch.zeros(batch, device=device)
+    alive = torch.arange(batch, device=device)  # original example of each running row
+    stepper = _Stepper(model, image, mask_id, use_cache)
+    for cur_len in range(2, max_len):
+        logp = stepper.first(tokens[:, :1]) if cur_len == 2 else stepper.next(tokens[:, : cur_len - 1])
+        best, word = logp.max(dim=-1)
+        sums = sums + best
+        ends = (word == eos_id) | (cur_len + 1 == max_len)
+        if ends.any():
+            rows = ends.nonzero().squeeze(1)
+            finished = tokens[rows].clone()
+            finished[:, cur_len - 1] = eos_id  # the official last step closes with </s>, dropping the word
+            out[alive[rows]] = finished
+            out_scores[alive[rows]] = sums[rows] / cur_len**length_penalty
+        tokens[:, cur_len - 1] = word
+        keep = (~ends).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        if keep.numel() < ends.numel():
+            tokens, sums, alive = tokens[keep], sums[keep], alive[keep]
+            stepper.select(keep)
+    return GenerationOutput(out, out_scores)
+
+
+@torch.no_grad()
+def beam_search(
+    model: nn.Module,
+    image: Tensor,
+    mask_id: int,
+    num_beams: int = 3,
+    max_len: int = 32,
+    length_penalty: float = 0.6,
+    early_stopping: bool = False,
+    bos_id: int = BOS_ID,
+    eos_id: int = EOS_ID,
+    pad_id: int = PAD_ID,
+    use_cache: bool = True,
+) -> GenerationOutput:
+    """Beam search (official protocol and scoring). image: (B, C, H, W) -> sequences (B, max_len), scores (B,).
+
+    The image is encoded once per example; its cached keys/values are then copied to the ``num_beams`` rows.
+    """
+    _check(model, image, max_len)
+    k = num_beams
+    if k < 1:
+        raise ValueError(f"num_beams must be >= 1, got {k}")
+    batch, device = image.shape[0], image.device
+    out = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
+    best = torch.full((batch,), float("-inf"), device=device)  # best closed hypothesis per example
+    has_hyp = torch.zeros(batch, dtype=torch.bool, device=device)
+    alive = torch.arange(batch, device=device)  # original example of each running example
+    tokens = torch.full((batch * k, max_len), pad_id, dtype=torch.long, device=device)
+    tokens[:, 0] = bos_id
+    beam_scores = torch.zeros(batch, k, device=device)
+    beam_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
+    beam_scores = beam_scores.view(-1)
+
+    stepper = _Stepper(model, image, mask_id, use_cache)
+    for cur_len in range(2, max_len):
+        if cur_len == 2:
+            logp = stepper.first(tokens[::k, :1])  # one image encoding per example ...
+            stepper.select(torch.arange(batch, device=device).repeat_interleave(k))  # ... copied to its beams
+            logp = logp.repeat_interleave(k, dim=0)
+        else:
+            logp = stepper.next(tokens[:, : cur_len - 1])
+        n, vocab = len(alive), logp.shape[-1]
+        cand = (logp + beam_scores[:, None]).view(n, k * vocab)
+        cand_scores, cand_idx = cand.topk(2 * k, dim=1)  # at most k of them can be </s>: k live ones remain
+        cand_beam, cand_word = cand_idx // vocab, cand_idx % vocab
+        rows = alive
+
+        # An example is over when it holds a closed hypothesis no live beam can beat.
+        bound = cand_scores[:, 0] / max_len**length_penalty
+        done = has_hyp[rows] & (torch.ones_like(bound, dtype=torch.bool) if early_stopping else best[rows] >= bound)
+
+        last = cur_len + 1 == max_len
+        is_eos = cand_word == eos_id
+        live_rank = torch.cumsum((~is_eos).long(), dim=1)  # live candidates up to and including this one
+        if last:  # every candidate closes; the best one wins
+            close_pos = torch.zeros(n, dtype=torch.long, device=device)
+            closes = ~done
+        else:  # the first </s> ranked ahead of the k-th live candidate closes its beam
+            eligible = is_eos & (live_rank < k)
+            closes = eligible.any(dim=1) & ~done
+            close_pos = eligible.float().argmax(dim=1)
+        close_score = cand_scores.gather(1, close_pos[:, None]).squeeze(1) / cur_len**length_penalty
+        better = closes & (~has_hyp[rows] | (close_score > best[rows]))
+        if better.any():
+            ex = better.nonzero().squeeze(1)
+            src = ex * k + cand_beam[ex, close_pos[ex]]
+            finished = tokens[src].clone()
+            finished[:, cur_len - 1] = eos_id
+            finished[:, cur_len:] = pad_id
+            out[rows[ex]] = finished
+            best[rows[ex]] = close_score[ex]
+            has_hyp[rows[ex]] = True
+        if last:
+            break
+
+        # Continue with the k best live candidates (in rank order).
+        order = torch.where(~is_eos, live_rank, 2 * k + 1)  # </s> candidates sort last
+        pick = order.argsort(dim=1, stable=True)[:, :k]
+        beam_scores = cand_scores.gather(1, pick).reshape(-1)
+        src = (torch.arange(n, device=device)[:, None] * k + cand_beam.gather(1, pick)).reshape(-1)
+        tokens = tokens[src]
+        tokens[:, cur_len - 1] = cand_word.gather(1, pick).reshape(-1)
+        stepper.select(src)
+
+        if done.any():  # drop finished examples from the running batch
+            keep = (~done).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            keep_rows = (keep[:, None] * k + torch.arange(k, device=device)).reshape(-1)
+            tokens, beam_scores, alive = tokens[keep_rows], beam_scores[keep_rows], alive[keep]
+            stepper.select(keep_rows)
+    return GenerationOutput(out, best)
+
+
+def generate(
+    model: nn.Module,
+    image: Tensor,
+    mask_id: int,
+    num_beams: int = 3,
+    max_len: int = 32,
+    length_penalty: float = 0.6,
+    **kwargs,
+) -> GenerationOutput:
+    """Caption ``image`` (B, C, H, W): greedy when ``num_beams == 1`` else beam search (official defaults)."""
+    if num_beams == 1:
+        kwargs.pop("early_stopping", None)
+        return greedy_search(model, image, mask_id, max_len=max_len, length_penalty=length_penalty, **kwargs)
+    return beam_search(model, image, mask_id, num_beams=num_beams, max_len=max_len, length_penalty=length_penalty, **kwargs)
+
+
+__all__ = ["GenerationOutput", "beam_search", "generate", "greedy_search"]
