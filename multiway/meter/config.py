@@ -1,0 +1,321 @@
+"""METER configuration: one dataclass per component and a registry of named presets.
+
+A METER model is ``vision encoder + text encoder -> projections -> fusion -> [decoder] -> heads``. Each
+piece is a small dataclass; :class:`MeterConfig` holds them all, round-trips through dicts/YAML, and is
+stored in every checkpoint so a checkpoint alone rebuilds its model.
+
+The paper's grid axes are fields here: ``fusion.kind`` (``co_attention`` | ``merged_attention``),
+``architecture`` (``encoder_only`` | ``encoder_decoder``), ``vision.kind``/``vision.name`` and
+``text.kind``/``text.name`` (encoders), and the objective switches in :class:`ObjectiveConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+VISION_KINDS = ("timm", "multiway")
+TEXT_KINDS = ("hf", "embedding")
+FUSION_KINDS = ("co_attention", "merged_attention")
+ARCHITECTURES = ("encoder_only", "encoder_decoder")
+
+
+def _check_choice(option: str, value: Any, accepted: tuple[str, ...]) -> None:
+    if value not in accepted:
+        raise ValueError(f"{option}={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}")
+
+
+@dataclass
+class VisionEncoderConfig:
+    """The image encoder.
+
+    ``kind="timm"``: ``name`` is a timm model name (``vit_base_patch16_clip_224``, ``swin_base_patch4_window7_224``
+    ...), always built with ``pretrained=False``; ``kwargs`` go to ``timm.create_model`` (``embed_dim``,
+    ``depth`` ... for tiny models) and ``weights`` is an optional local file (``.safetensors``/``.pth``/``.bin``)
+    loaded afterwards, with the position embedding resampled to ``img_size``.
+    ``kind="multiway"``: ``name`` is a multiway preset (``beit3_tiny_patch8_32`` ...); its ``encode_image``
+    (vision experts only) is the encoder; ``weights`` is a multiway/official BEiT-3 checkpoint.
+    """
+
+    kind: str = "timm"
+    name: str = "vit_base_patch16_clip_224"
+    img_size: int = 224
+    weights: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_choice("vision.kind", self.kind, VISION_KINDS)
+
+
+@dataclass
+class TextEncoderConfig:
+    """The text encoder.
+
+    ``kind="hf"``: a ``transformers`` encoder. ``pretrained`` is a local directory read with
+    ``AutoModel.from_pretrained`` (no download: offline only); without it, ``name`` is a model type
+    (``bert``, ``roberta`` ...) built from ``AutoConfig.for_model(name, **kwargs)`` with random weights.
+    ``kind="embedding"``: the paper's embedding-only baseline: a word-embedding lookup (+ positions), no
+    Transformer layers; ``width`` is its size.
+    ``vocab_size`` is the tokenizer's id count; T5-style sentinels are appended after it by the model.
+    """
+
+    kind: str = "hf"
+    name: str = "roberta"
+    pretrained: str | None = None
+    vocab_size: int = 50265
+    width: int = 768
+    max_len: int = 64
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_choice("text.kind", self.kind, TEXT_KINDS)
+
+
+@dataclass
+class FusionConfig:
+    """The fusion module. Paper default: co-attention, 6 layers, width 768, 12 heads, FFN 3072."""
+
+    kind: str = "co_attention"
+    depth: int = 6
+    width: int = 768
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    dropout: float = 0.1
+    # BERT-style post-LN as in the paper's code; pre-LN is the safer choice for low precision / deep stacks.
+    norm_first: bool = False
+    # Attention logits/softmax and LayerNorm in fp32 under autocast (what bf16 training needed).
+    fp32_attention: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("fusion.kind", self.kind, FUSION_KINDS)
+        if self.width % self.num_heads:
+            raise ValueError(
+                f"fusion.width={self.width} is not divisible by fusion.num_heads={self.num_heads}; "
+                f"choose a width that is a multiple of the head count"
+            )
+        if self.depth < 1:
+            raise ValueError(f"fusion.depth must be >= 1, got {self.depth}")
+
+
+@dataclass
+class DecoderConfig:
+    """The encoder-decoder architecture's Transformer decoder (causal self-attention + cross-attention)."""
+
+    depth: int = 6
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    max_len: int = 64
+    num_sentinels: int = 32  # T5 span-corruption sentinel ids, appended after the tokenizer's vocabulary
+
+
+@dataclass
+class ObjectiveConfig:
+    """Pre-training objectives, each switchable; the total loss is ``sum(weight * loss)``.
+
+    For the encoder-decoder architecture ``mlm`` means T5-style span corruption (the decoder reconstructs
+    the corrupted spans), as in the paper.
+    """
+
+    mlm: bool = True
+    itm: bool = True
+    mim: bool = False
+    mlm_weight: float = 1.0
+    itm_weight: float = 1.0
+    mim_weight: float = 1.0
+    mlm_probability: float = 0.15
+    whole_word_masking: bool = False
+    span_length: float = 3.0  # mean span length of span corruption
+    itm_hard_negatives: bool = False  # sample ITM negatives from in-batch ITC similarities (adds the ITC loss)
+    itc_weight: float = 1.0
+    mim_ratio: float = 0.4
+    mim_target: str = "pixel"  # "pixel" (masked-patch regression) | "vqkd" (visual tokens from a VQ-KD tokenizer)
+    vqkd_tokenizer: str | None = None  # local VQ-KD checkpoint for mim_target="vqkd"
+
+    def __post_init__(self) -> None:
+        _check_choice("objectives.mim_target", self.mim_target, ("pixel", "vqkd"))
+
+    @property
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(n for n in ("mlm", "itm", "mim") if getattr(self, n))
+
+
+@dataclass
+class OptimConfig:
+    """The paper's best optimisation: AdamW, lower lr for pretrained encoders, higher for new layers/heads."""
+
+    lr: float = 1e-5  # pretrained encoders ("bottom")
+    lr_mult_top: float = 5.0  # projections + fusion (+ decoder): 5e-5 in the paper
+    lr_mult_head: float = 5.0  # task heads: x5 for pre-training, x10-50 in the releases' fine-tuning
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+
+
+@dataclass
+class MeterConfig:
+    vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    architecture: str = "encoder_only"
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def __post_init__(self) -> None:
+        for name, cls in _SECTIONS.items():
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                setattr(self, name, _section_from_dict(cls, value, name))
+        _check_choice("architecture", self.architecture, ARCHITECTURES)
+        if self.fusion.width % self.decoder.num_heads:
+            raise ValueError(
+                f"fusion.width={self.fusion.width} is not divisible by decoder.num_heads={self.decoder.num_heads}; "
+                "the decoder runs at the fusion width"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MeterConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown METER config field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **overrides: Any) -> "MeterConfig":
+        """Copy with overrides; nested fields by dotted name: ``replace(**{"fusion.kind": "merged_attention"})``."""
+        d = self.to_dict()
+        for key, value in overrides.items():
+            *path, leaf = key.split(".")
+            node = d
+            for p in path:
+                if p not in node or not isinstance(node[p], dict):
+                    raise ValueError(f"unknown METER config field {key!r}")
+                node = node[p]
+            if leaf not in node:
+                raise ValueError(f"unknown METER config field {key!r}; valid here: {sorted(node)}")
+            node[leaf] = value
+        return MeterConfig.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MeterConfig":
+        data = yaml.safe_load(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of METER config fields")
+        return cls.from_dict(data.get("model", data))
+
+
+_SECTIONS = {
+    "vision": VisionEncoderConfig,
+    "text": TextEncoderConfig,
+    "fusion": FusionConfig,
+    "decoder": DecoderConfig,
+    "objectives": ObjectiveConfig,
+    "optim": OptimConfig,
+}
+
+
+def _section_from_dict(cls: type, d: dict[str, Any], section: str) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown field(s) {sorted(unknown)} in METER config section {section!r}; valid: {sorted(names)}")
+    if cls is OptimConfig and "betas" in d:
+        d = {**d, "betas": tuple(d["betas"])}
+    return cls(**d)
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# --- presets ------------------------------------------------------------------------------------------------
+
+# Tiny components for tests, the CPU study and demos. 32 px images (as the built-in data), width 32 fusion.
+TINY_VISION = {
+    "vit": VisionEncoderConfig(
+        "timm", "vit_base_patch16_clip_224", img_size=32, kwargs=dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    ),
+    "swin": VisionEncoderConfig(
+        "timm",
+        "swin_base_patch4_window7_224",
+        img_size=32,
+        kwargs=dict(patch_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
+    ),
+    "multiway": VisionEncoderConfig("multiway", "beit3_tiny_patch8_32", img_size=32, kwargs=dict(depth=2, embed_dim=32, num_heads=2, ffn_dim=64)),
+}
+TINY_TEXT = {
+    "bert": TextEncoderConfig(
+        "hf", "bert", vocab_size=1000, width=32, max_len=32,
+        kwargs=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    ),
+    "roberta": TextEncoderConfig(
+        "hf", "roberta", vocab_size=1000, width=32, max_len=32,
+        kwargs=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+    ),
+    "embedding": TextEncoderConfig("embedding", "embedding", vocab_size=1000, width=32, max_len=32),
+}
+TINY_FUSION = dict(depth=2, width=32, num_heads=2, ffn_dim=64, dropout=0.0)
+TINY_DECODER = DecoderConfig(depth=1, num_heads=2, ffn_dim=64, max_len=32, num_sentinels=8)
+
+
+def tiny_config(
+    vision: str = "vit", text: str = "bert", fusion: str = "co_attention", architecture: str = "encoder_only", **objectives: Any
+) -> MeterConfig:
+    """A tiny METER (fusion width 32) over the named tiny encoders; ``objectives`` override :class:`ObjectiveConfig`."""
+    if vision not in TINY_VISION:
+        raise ValueError(f"vision={vision!r} is not a tiny vision encoder; accepted values: {sorted(TINY_VISION)}")
+    if text not in TINY_TEXT:
+        raise ValueError(f"text={text!r} is not a tiny text encoder; accepted values: {sorted(TINY_TEXT)}")
+    return MeterConfig(
+        vision=dataclasses.replace(TINY_VISION[vision], kwargs=dict(TINY_VISION[vision].kwargs)),
+        text=dataclasses.replace(TINY_TEXT[text], kwargs=dict(TINY_TEXT[text].kwargs)),
+        fusion=FusionConfig(kind=fusion, **TINY_FUSION),
+        architecture=architecture,
+        decoder=dataclasses.replace(TINY_DECODER),
+        objectives=ObjectiveConfig(**objectives),
+    )
+
+
+def _paper(vision: VisionEncoderConfig, text_name: str = "roberta", vocab: int = 50265, **kw: Any) -> MeterConfig:
+    return MeterConfig(vision=vision, text=TextEncoderConfig("hf", text_name, vocab_size=vocab, width=768, max_len=50), **kw)
+
+
+# The paper's configurations (weights come from local files: set vision.weights / text.pretrained).
+PRESETS: dict[str, MeterConfig] = {
+    "meter_clip16_roberta_coattn": _paper(VisionEncoderConfig("timm", "vit_base_patch16_clip_224", img_size=288)),
+    "meter_clip16_roberta_merged": _paper(
+        VisionEncoderConfig("timm", "vit_base_patch16_clip_224", img_size=288), fusion=FusionConfig(kind="merged_attention")
+    ),
+    "meter_clip16_roberta_coattn_encdec": _paper(
+        VisionEncoderConfig("timm", "vit_base_patch16_clip_224", img_size=288), architecture="encoder_decoder"
+    ),
+    "meter_swin_roberta_coattn": _paper(VisionEncoderConfig("timm", "swin_base_patch4_window12_384", img_size=384)),
+    "meter_clip16_bert_coattn": _paper(VisionEncoderConfig("timm", "vit_base_patch16_clip_224", img_size=288), "bert", 30522),
+    "meter_tiny_vit_bert_coattn": tiny_config("vit", "bert", "co_attention"),
+    "meter_tiny_vit_bert_merged": tiny_config("vit", "bert", "merged_attention"),
+    "meter_tiny_vit_bert_coattn_encdec": tiny_config("vit", "bert", "co_attention", "encoder_decoder"),
+    "meter_tiny_swin_roberta_coattn": tiny_config("swin", "roberta", "co_attention"),
+    "meter_tiny_multiway_embedding_coattn": tiny_config("multiway", "embedding", "co_attention"),
+}
+
+
+def get_meter_config(name: str, **overrides: Any) -> MeterConfig:
+    """The preset ``name`` with dotted-name overrides (``**{"fusion.depth": 2}``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown METER preset {name!r}; accepted values: {', '.join(sorted(PRESETS))}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name].replace()
