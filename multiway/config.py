@@ -85,7 +85,7 @@ class MultiwayConfig:
         unknown = set(d) - names
         if unknown:
             raise ValueError(f"unknown config field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
-        return cls(**d)
+        return cls(**{k: _coerce(k, v, type(getattr(cls, k))) for k, v in d.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -107,6 +107,22 @@ class MultiwayConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """Cast a value read from YAML/JSON to the field's type (PyYAML reads ``1e-5`` as a string)."""
+    if isinstance(value, kind):
+        return value
+    try:
+        if kind is bool and isinstance(value, str):
+            if value.lower() not in ("true", "false"):
+                raise ValueError(value)
+            return value.lower() == "true"
+        if kind is int and float(value) != int(float(value)):
+            raise ValueError(value)
+        return kind(float(value)) if kind in (int, float) else kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config field {name!r} expects {kind.__name__}, got {value!r}") from None
 
 
 _BASE = dict(depth=12, embed_dim=768, num_heads=12, ffn_dim=3072, patch_size=16)

@@ -79,8 +79,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
             f"{path}: refused to load — the pickle holds objects other than tensors and plain containers, and "
             f"loading it would execute code ({str(e).splitlines()[0]}). Only weights-only checkpoints are read."
         ) from e
-    except (RuntimeError, EOFError, OSError) as e:
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({e})") from e
+    except Exception as e:  # the unpickler raises many types on garbage (KeyError, EOFError, RuntimeError ...)
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
     return unwrap_state_dict(obj, str(path)), {}
 
 
@@ -151,7 +151,8 @@ def load_checkpoint(
                 report.reset_heads.append(key)
             continue
         to_load[key] = value
-    report.missing = [k for k in expected if k not in to_load and k not in report.reset_heads]
+    mismatched_keys = {m.split(":")[0] for m in mismatched}
+    report.missing = [k for k in expected if k not in to_load and k not in report.reset_heads and k not in mismatched_keys]
     bad_missing = [k for k in report.missing if not prefix or k.startswith(prefix)]
     bad_unexpected = [k for k in report.unexpected if not prefix or k.startswith(prefix)]
     if strict and (bad_missing or bad_unexpected or mismatched):

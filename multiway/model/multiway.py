@@ -232,7 +232,8 @@ class Encoder(nn.Module):
     def __init__(self, cfg: MultiwayConfig):
         super().__init__()
         self.embed_positions = PositionTables(cfg)
-        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        # Linear ramp as in the official code (layer 0 has rate 0); plain Python so it also works on meta.
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.layers = nn.ModuleList(MultiwayBlock(cfg, i, rates[i]) for i in range(cfg.depth))
         eps = cfg.layer_norm_eps
         self.layer_norm = Experts(lambda: nn.LayerNorm(cfg.embed_dim, eps=eps)) if cfg.normalize_output else None

@@ -1,0 +1,33 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+GOLDEN = FIXTURES / "golden"
+# The golden fixtures' config (official modules at a tiny size).
+GOLDEN_CONFIG = dict(depth=2, embed_dim=64, num_heads=4, ffn_dim=256, img_size=32, patch_size=8, vocab_size=1000, max_text_positions=64)
+
+
+def load_golden(name: str) -> tuple[dict, dict, dict]:
+    """(state_dict, inputs, outputs) of golden/<name>.safetensors."""
+    tensors = load_file(str(GOLDEN / f"{name}.safetensors"))
+    groups = {"state_dict.": {}, "input.": {}, "output.": {}}
+    for key, value in tensors.items():
+        for prefix, group in groups.items():
+            if key.startswith(prefix):
+                group[key[len(prefix):]] = value
+    return groups["state_dict."], groups["input."], groups["output."]
+
+
+def golden_meta(name: str) -> dict:
+    with safe_open(str(GOLDEN / f"{name}.safetensors"), "pt") as f:
+        return json.loads(f.metadata()["meta"])
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
