@@ -149,12 +149,14 @@ def train_text_tokenizer(
     character_coverage: float = 0.9995,
     input_sentence_size: int = 2_000_000,
     seed: int = 0,
+    hard_vocab_limit: bool = True,
 ) -> Path:
     """Train a SentencePiece model on text files (one sentence per line); returns ``<out_prefix>.model``.
 
     The model keeps sentencepiece's default special layout (``<unk>``=0, ``<s>``=1, ``</s>``=2, no pad piece),
     which is the XLM-R layout :class:`TextTokenizer` expects. The resulting tokenizer has
-    ``vocab_size + 2`` ids, so a model's text embedding needs at least that many rows.
+    ``vocab_size + 2`` ids, so a model's text embedding needs at least that many rows. With
+    ``hard_vocab_limit=False`` a small corpus may yield fewer than ``vocab_size`` pieces instead of an error.
     """
     import sentencepiece as spm
 
@@ -179,6 +181,7 @@ def train_text_tokenizer(
         eos_id=2,
         pad_id=-1,
         num_threads=min(4, os.cpu_count() or 1),
+        hard_vocab_limit=hard_vocab_limit,
         minloglevel=2,
     )
     return out_prefix.with_name(out_prefix.name + ".model")
