@@ -1,0 +1,40 @@
+"""Data: official task formats, pretraining streams, masking, transforms and the built-in shapes data."""
+
+from .formats import (
+    DATASETS,
+    CaptioningDataset,
+    DataError,
+    DataErrors,
+    ImageNetDataset,
+    IndexDataset,
+    NLVR2Dataset,
+    RetrievalDataset,
+    VQAv2Dataset,
+    build_coco_captioning_index,
+    build_imagenet_index,
+    build_karpathy_retrieval_index,
+    build_nlvr2_index,
+    build_nocaps_index,
+    build_vqa_index,
+    build_vqav2_index,
+    collate_batch,
+    create_dataset,
+    index_files,
+    read_answer2label,
+    read_jsonl,
+    write_jsonl,
+)
+from .masking import IGNORE_INDEX, BlockMaskingGenerator, mask_captioning, mask_text
+from .shapes import HELD_OUT, generate_synthetic_dataset
+from .streams import ImageStream, PairStream, TextStream, expand_source, reader_info
+from .transforms import PretrainTransform, build_imagenet_transform, build_transform
+
+__all__ = [
+    "DATASETS", "CaptioningDataset", "DataError", "DataErrors", "HELD_OUT", "IGNORE_INDEX", "BlockMaskingGenerator",
+    "ImageNetDataset", "ImageStream", "IndexDataset", "NLVR2Dataset", "PairStream", "PretrainTransform",
+    "RetrievalDataset", "TextStream", "VQAv2Dataset", "build_coco_captioning_index", "build_imagenet_index",
+    "build_imagenet_transform", "build_karpathy_retrieval_index", "build_nlvr2_index", "build_nocaps_index",
+    "build_transform", "build_vqa_index", "build_vqav2_index", "collate_batch", "create_dataset", "expand_source",
+    "generate_synthetic_dataset", "index_files", "mask_captioning", "mask_text", "read_answer2label", "read_jsonl",
+    "reader_info", "write_jsonl",
+]

@@ -84,9 +84,10 @@ VQKD_PRESETS: dict[str, VQKDConfig] = {
         img_size=32, patch_size=8, encoder_dim=64, encoder_depth=2, encoder_heads=4, decoder_dim=64,
         decoder_depth=1, decoder_heads=4, n_code=64, code_dim=16, decoder_out_dim=48,
     ),
-    # for the built-in data and beit3_small_patch8_64 (8x8 codes); decoder_out_dim is set from the teacher
-    "vqkd_small_patch8_64": VQKDConfig(
-        img_size=64, patch_size=8, encoder_dim=128, encoder_depth=4, encoder_heads=4, decoder_dim=128,
+    # for the built-in data and beit3_small_patch8_64 (8x8 codes), small enough to train on a CPU in minutes;
+    # decoder_out_dim is set from the teacher at training time (192 = 8*8*3 for the pixel teacher)
+    "vqkd_tiny_patch8_64": VQKDConfig(
+        img_size=64, patch_size=8, encoder_dim=64, encoder_depth=2, encoder_heads=4, decoder_dim=64,
         decoder_depth=1, decoder_heads=4, n_code=256, code_dim=16, decoder_out_dim=192, kmeans_init=True,
     ),
 }
@@ -415,7 +416,7 @@ def load_vqkd(path_or_preset: str | os.PathLike, weights: str | os.PathLike | No
     * ``load_vqkd("tok.safetensors")`` — a file written by :func:`save_vqkd` (config in its metadata);
     * ``load_vqkd("vqkd_encoder_base_decoder_3x768x12_clip", weights="vqkd_..._clip.pth")`` — a preset and a
       released ``.pth`` (read with ``weights_only=True``) or a safetensors state dict;
-    * ``load_vqkd("vqkd_small_patch8_64")`` — a preset with random weights.
+    * ``load_vqkd("vqkd_tiny_patch8_64")`` — a preset with random weights.
     """
     p = Path(path_or_preset)
     if p.suffix == ".safetensors" and weights is None:
@@ -619,7 +620,7 @@ def codebook_usage(counts: torch.Tensor) -> float:
 def train_visual_tokenizer(
     data: str | os.PathLike | torch.utils.data.Dataset,
     out: str | os.PathLike,
-    preset: str = "vqkd_small_patch8_64",
+    preset: str = "vqkd_tiny_patch8_64",
     teacher: str | Callable[[torch.Tensor], torch.Tensor] = "pixels",
     teacher_weights: str | os.PathLike | None = None,
     steps: int = 1000,
