@@ -2,9 +2,10 @@
 
 One Transformer encoder whose sublayers hold per-modality *experts*: ``A`` for vision tokens, ``B`` for
 language tokens and, in the paper's variant, ``C`` for every token of a fused image-text input in the top
-layers. A sequence is ``[vision tokens; text tokens]``; routing is by the number of leading vision tokens
-(``num_vision``), passed as an argument, so each expert runs one dense matmul on its contiguous slice and
-the module holds no routing state (safe under ``torch.compile`` and concurrent calls).
+layers. A sequence is ``[vision tokens; text tokens]``. Inside the encoder the residual stream is kept as one
+contiguous tensor per modality and joined only for the joint softmax attention, so each expert runs one
+dense matmul on its own tokens with no gather/scatter or slice copies, and routing is decided per call
+(no module state: safe under ``torch.compile`` and concurrent calls with different inputs).
 
 Module and parameter names follow the official release (``encoder.layers.0.self_attn.q_proj.A.weight``,
 ``encoder.embed_positions.B.weight`` ...), so official state dicts load without renaming. Numerics follow
@@ -33,22 +34,12 @@ POSITION_OFFSET = 2
 class Experts(nn.ModuleDict):
     """Per-modality copies of one module: ``A`` (vision), ``B`` (language), optionally ``C`` (vision-language).
 
-    ``forward(x, num_vision)`` applies ``A`` to the first ``num_vision`` tokens and ``B`` to the rest, each as
-    one call on a contiguous slice; ``forward(x, num_vision, expert="C")`` applies one expert to all tokens.
+    Routing happens in :class:`MultiwayBlock`, which keeps the residual stream as one contiguous segment per
+    modality and calls ``experts[name]`` on each, so every expert runs one dense matmul and no slice is copied.
     """
 
     def __init__(self, make: callable, names: tuple[str, ...] = ("A", "B")):
         super().__init__({name: make() for name in names})
-
-    def forward(self, x: Tensor, num_vision: int, expert: str | None = None) -> Tensor:
-        if expert is not None:
-            return self[expert](x)
-        length = x.shape[1]
-        if num_vision >= length:
-            return self["A"](x)
-        if num_vision <= 0:
-            return self["B"](x)
-        return torch.cat([self["A"](x[:, :num_vision]), self["B"](x[:, num_vision:])], dim=1)
 
 
 class FeedForward(nn.Module):
@@ -66,6 +57,11 @@ class FeedForward(nn.Module):
 
 def _linear(dim: int) -> nn.Linear:
     return nn.Linear(dim, dim)
+
+
+def _pick(module: nn.Module, expert: str) -> nn.Module:
+    """The expert ``expert`` of an :class:`Experts`, or the module itself when it is shared."""
+    return module[expert] if isinstance(module, Experts) else module
 
 
 class KVCache:
@@ -116,13 +112,12 @@ class KVCache:
 
 
 class MultiwaySelfAttention(nn.Module):
-    """Multi-head self-attention with expert-routed (or shared) projections and a sub-LayerNorm."""
+    """Multi-head self-attention over all segments jointly, with per-expert (or shared) projections and sub-LN."""
 
     def __init__(self, cfg: MultiwayConfig, shared: bool):
         super().__init__()
         dim, eps = cfg.embed_dim, cfg.layer_norm_eps
         self.num_heads = cfg.num_heads
-        self.shared = shared
         if shared:
             self.q_proj, self.k_proj, self.v_proj, self.out_proj = (_linear(dim) for _ in range(4))
             self.inner_attn_ln = nn.LayerNorm(dim, eps=eps)
@@ -130,29 +125,34 @@ class MultiwaySelfAttention(nn.Module):
             self.q_proj, self.k_proj, self.v_proj, self.out_proj = (Experts(lambda: _linear(dim)) for _ in range(4))
             self.inner_attn_ln = Experts(lambda: nn.LayerNorm(dim, eps=eps))
 
-    def _route(self, module: nn.Module, x: Tensor, num_vision: int) -> Tensor:
-        return module(x) if self.shared else module(x, num_vision)
-
     def forward(
         self,
-        x: Tensor,
-        num_vision: int,
+        segments: list[Tensor],
+        experts: list[str],
         attn_mask: Tensor | None,
         layer_index: int = 0,
         kv_cache: KVCache | None = None,
-    ) -> Tensor:
-        """x: (B, L, D); attn_mask: bool, broadcastable to (B, heads, L, L_keys), True = may attend."""
-        batch, length, dim = x.shape
-        split = lambda t: t.view(batch, length, self.num_heads, -1).transpose(1, 2)  # noqa: E731
-        q = split(self._route(self.q_proj, x, num_vision))
-        k = split(self._route(self.k_proj, x, num_vision))
-        v = split(self._route(self.v_proj, x, num_vision))
+    ) -> list[Tensor]:
+        """segments: per-modality (B, L_i, D), already layer-normed; attn_mask: bool, broadcastable to
+        (B, heads, L, L_keys), True = may attend. Returns the attention output per segment."""
+        batch = segments[0].shape[0]
+
+        def project(module: nn.Module) -> Tensor:
+            parts = [_pick(module, e)(h) for h, e in zip(segments, experts)]
+            joined = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            return joined.view(batch, joined.shape[1], self.num_heads, -1).transpose(1, 2)
+
+        q, k, v = project(self.q_proj), project(self.k_proj), project(self.v_proj)
         if kv_cache is not None:
             k, v = kv_cache.update(layer_index, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        out = out.transpose(1, 2).reshape(batch, length, dim)
-        out = self._route(self.inner_attn_ln, out, num_vision)
-        return self._route(self.out_proj, out, num_vision)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, L, hd)
+        outputs, start = [], 0
+        for h, e in zip(segments, experts):
+            length = h.shape[1]
+            o = out[:, :, start : start + length].transpose(1, 2).reshape(batch, length, -1)
+            outputs.append(_pick(self.out_proj, e)(_pick(self.inner_attn_ln, e)(o)))
+            start += length
+        return outputs
 
 
 class MultiwayBlock(nn.Module):
@@ -162,7 +162,6 @@ class MultiwayBlock(nn.Module):
         super().__init__()
         dim, eps = cfg.embed_dim, cfg.layer_norm_eps
         self.index = index
-        self.shared_attention = cfg.shared_attention
         # The paper's vision-language expert lives in the top `vl_expert_layers` layers only.
         self.has_vl_expert = index >= cfg.depth - cfg.vl_expert_layers
         ffn_experts = ("A", "B", "C") if self.has_vl_expert else ("A", "B")
@@ -177,17 +176,18 @@ class MultiwayBlock(nn.Module):
 
     def forward(
         self,
-        x: Tensor,
-        num_vision: int,
+        segments: list[Tensor],
+        experts: list[str],
         attn_mask: Tensor | None,
         fused: bool = False,
         kv_cache: KVCache | None = None,
-    ) -> Tensor:
-        h = self.self_attn_layer_norm(x) if self.shared_attention else self.self_attn_layer_norm(x, num_vision)
-        x = x + self.drop_path(self.self_attn(h, num_vision, attn_mask, self.index, kv_cache))
-        expert = "C" if (fused and self.has_vl_expert) else None
-        h = self.ffn(self.final_layer_norm(x, num_vision, expert), num_vision, expert)
-        return x + self.drop_path(h)
+    ) -> list[Tensor]:
+        """segments: the residual stream, one contiguous (B, L_i, D) tensor per modality, routed to ``experts``."""
+        normed = [_pick(self.self_attn_layer_norm, e)(x) for x, e in zip(segments, experts)]
+        attn = self.self_attn(normed, experts, attn_mask, self.index, kv_cache)
+        segments = [x + self.drop_path(a) for x, a in zip(segments, attn)]
+        ffn_experts = ["C"] * len(experts) if (fused and self.has_vl_expert) else experts
+        return [x + self.drop_path(self.ffn[e](self.final_layer_norm[e](x))) for x, e in zip(segments, ffn_experts)]
 
 
 class VisionEmbedding(nn.Module):
@@ -348,24 +348,25 @@ class MultiwayTransformer(nn.Module):
                 x_txt = x_txt.masked_fill(text_pad.unsqueeze(-1), 0.0)
                 padding_mask = text_pad if image is None else F.pad(text_pad, (num_vision, 0), value=False)
             parts.append(x_txt)
-        x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
+        experts = (["A"] if image is not None else []) + (["B"] if text_ids is not None else [])
         mask = self._combine_masks(attn_mask, padding_mask, kv_cache)
         fused = num_vision > 0 and text_ids is not None
         if kv_cache is not None:
             fused = fused or (kv_cache.has_vision and text_ids is not None)
-        hidden_states = []
+        join = lambda segs: segs[0] if len(segs) == 1 else torch.cat(segs, dim=1)  # noqa: E731
+        segments, hidden_states = parts, []
         for layer in self.encoder.layers:
             if output_hidden_states:
-                hidden_states.append(x)
+                hidden_states.append(join(segments))
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, num_vision, mask, fused, kv_cache, use_reentrant=False)
+                segments = checkpoint(layer, segments, experts, mask, fused, kv_cache, use_reentrant=False)
             else:
-                x = layer(x, num_vision, mask, fused, kv_cache)
+                segments = layer(segments, experts, mask, fused, kv_cache)
         if kv_cache is not None and num_vision > 0:
             kv_cache.has_vision = True
         if self.encoder.layer_norm is not None:
-            x = self.encoder.layer_norm(x, num_vision)
+            segments = [self.encoder.layer_norm[e](x) for x, e in zip(segments, experts)]
+        x = join(segments)
         if output_hidden_states:
             hidden_states.append(x)
         return MultiwayOutput(x, num_vision, padding_mask, tuple(hidden_states))
@@ -419,10 +420,6 @@ def image_to_text_mask(num_vision: int, num_text: int, device: torch.device | No
     allowed[num_vision:, :num_vision] = True
     allowed[num_vision:, num_vision:] = torch.ones(num_text, num_text, dtype=torch.bool, device=device).tril()
     return allowed
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def interpolate_vision_positions(table: Tensor, num_patches: int) -> Tensor:
