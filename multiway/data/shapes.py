@@ -159,8 +159,10 @@ def render_scene(scene: Scene, size: int = 64):
         for i in range(0, s, 2 * step):
             d.rectangle([i, 0, i + step - 1, s], fill=light)
     else:  # noisy
-        noise = Image.effect_noise((s, s), rng.randint(20, 50)).point(lambda v: 60 + v // 3)
-        img = Image.merge("RGB", (noise, noise, noise))
+        import numpy as np
+
+        noise = np.random.default_rng(scene.bg_seed).normal(128, rng.randint(20, 50), (s, s)).clip(0, 255)
+        img = Image.fromarray((60 + noise / 3).astype(np.uint8), "L").convert("RGB")
     d = ImageDraw.Draw(img)
     for o in scene.objects:
         r, cx, cy = _radius(o.size) * s, o.x * s, o.y * s
