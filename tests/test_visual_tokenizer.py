@@ -203,3 +203,18 @@ def test_train_visual_tokenizer_pixels(tmp_path):
     model = load_vqkd(metrics["path"])
     assert model.config.decoder_out_dim == 192  # set from the pixel teacher (8*8*3)
     assert model.get_codebook_indices(torch.rand(2, 3, 32, 32)).shape == (2, 16)
+
+
+def test_unused_codes_restart_when_enabled():
+    torch.manual_seed(0)
+    q = NormEMAVectorQuantizer(n_code=8, code_dim=4, decay=0.99, restart_unused_after=2).train()
+    before = q.embedding.weight.clone()
+    z = before[0].view(1, 4, 1, 1) + 0.01 * torch.randn(4, 4, 2, 2)
+    q(z)
+    assert torch.allclose(q.embedding.weight[1:], before[1:], atol=1e-6)  # idle for one step: kept
+    q(z)
+    w = q.embedding.weight
+    moved = (w[1:] - before[1:]).abs().sum(-1) > 1e-3
+    assert moved.all()  # idle for two steps: moved onto the batch's encoder outputs
+    assert (w[1:] @ torch.nn.functional.normalize(before[0], dim=0) > 0.99).all()
+    assert "quantize.idle_steps" not in VQKD(vqkd_config("vqkd_tiny_patch8_64")).state_dict()  # official key set

@@ -53,6 +53,9 @@ class VQKDConfig:
     decay: float = 0.99
     beta: float = 1.0
     kmeans_init: bool = False  # True: codebook starts empty and is set by k-means on the first batch
+    # >0: a code unused for this many training steps is moved onto a random encoder output of the batch.
+    # Not in BEiT v2 (0 = off, the official behaviour); it keeps small codebooks alive on small data sets.
+    restart_unused_after: int = 0
 
     @property
     def grid(self) -> int:
@@ -89,6 +92,7 @@ VQKD_PRESETS: dict[str, VQKDConfig] = {
     "vqkd_tiny_patch8_64": VQKDConfig(
         img_size=64, patch_size=8, encoder_dim=64, encoder_depth=2, encoder_heads=4, decoder_dim=64,
         decoder_depth=1, decoder_heads=4, n_code=256, code_dim=16, decoder_out_dim=192, kmeans_init=True,
+        restart_unused_after=20,
     ),
 }
 
@@ -258,11 +262,14 @@ class NormEMAVectorQuantizer(nn.Module):
     """
 
     def __init__(self, n_code: int, code_dim: int, beta: float = 1.0, decay: float = 0.99,
-                 kmeans_init: bool = False) -> None:
+                 kmeans_init: bool = False, restart_unused_after: int = 0) -> None:
         super().__init__()
         self.n_code, self.code_dim, self.beta, self.decay = n_code, code_dim, beta, decay
+        self.restart_unused_after = restart_unused_after
         self.embedding = EmbeddingEMA(n_code, code_dim, kmeans_init)
         self.register_buffer("cluster_size", torch.zeros(n_code))  # EMA of per-batch code counts (training)
+        # steps since each code was last used; not saved, so the state dict keeps the official key set
+        self.register_buffer("idle_steps", torch.zeros(n_code, dtype=torch.long), persistent=False)
         self.update = True  # set False to freeze the codebook while training the rest
 
     @torch.no_grad()
@@ -274,6 +281,18 @@ class NormEMAVectorQuantizer(nn.Module):
         self.embedding.weight.copy_(means)
         self.embedding.cluster_size.copy_(bins)
         self.embedding.initted.fill_(1.0)
+
+    @torch.no_grad()
+    def _restart_unused(self, unused_now: torch.Tensor, z: torch.Tensor) -> None:
+        self.idle_steps.add_(1).masked_fill_(~unused_now, 0)
+        dead = torch.nonzero(self.idle_steps >= self.restart_unused_after).flatten()
+        if dead.numel() == 0:
+            return
+        pick = z[torch.randint(0, z.shape[0], (dead.numel(),), device=z.device)]
+        if dist.is_available() and dist.is_initialized():  # same replacement vectors on every rank
+            dist.broadcast(pick, 0)
+        self.embedding.weight[dead] = pick
+        self.idle_steps[dead] = 0
 
     def lookup(self, z: torch.Tensor) -> torch.Tensor:
         """Nearest code of unit vectors z (n, C) -> (n,) long. On unit vectors argmin distance = argmax cosine."""
@@ -299,6 +318,8 @@ class NormEMAVectorQuantizer(nn.Module):
                 new = torch.where(zero[:, None], self.embedding.weight, new)  # unused codes keep their vector
                 w = self.embedding.weight.mul(self.decay).add_(new, alpha=1 - self.decay)
                 self.embedding.weight.copy_(l2norm(w))
+                if self.restart_unused_after > 0:
+                    self._restart_unused(zero, flat.detach())
 
         loss = self.beta * F.mse_loss(z_q.detach(), z)
         z_q = z + (z_q - z).detach()  # straight-through estimator
@@ -318,7 +339,8 @@ class VQKD(nn.Module):
         self.encoder = ViT(c.img_size, c.patch_size, c.in_chans, c.encoder_dim, c.encoder_depth, c.encoder_heads,
                            c.mlp_ratio)
         self.decoder = ViT(c.grid, 1, c.code_dim, c.decoder_dim, c.decoder_depth, c.decoder_heads, c.mlp_ratio)
-        self.quantize = NormEMAVectorQuantizer(c.n_code, c.code_dim, c.beta, c.decay, c.kmeans_init)
+        self.quantize = NormEMAVectorQuantizer(c.n_code, c.code_dim, c.beta, c.decay, c.kmeans_init,
+                                               c.restart_unused_after)
         self.encode_task_layer = nn.Sequential(
             nn.Linear(c.encoder_dim, c.encoder_dim), nn.Tanh(), nn.Linear(c.encoder_dim, c.code_dim))
         self.decode_task_layer = nn.Sequential(
@@ -693,7 +715,7 @@ def train_visual_tokenizer(
             if len(hits) > 50:
                 window -= hits.pop(0)
             step += 1
-            metrics = {"loss": float(out_["loss"]), "rec_loss": float(out_["rec_loss"]),
+            metrics = {"loss": float(out_["loss"].detach()), "rec_loss": float(out_["rec_loss"]),
                        "quant_loss": float(out_["quant_loss"]), "usage_window": codebook_usage(window)}
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", usage=f"{metrics['usage_window']:.2f}")
