@@ -1,0 +1,137 @@
+"""Pretraining task, optimiser groups, schedule, CLI and plots — tiny preset, tiny built-in data."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import multiway
+from multiway.train import TrainConfig, build_param_groups, cosine_lr
+from multiway.train.optim import CosineSchedule
+from multiway.train.pretrain import PretrainTask, load_pretrain_config, pretrain
+
+
+def test_param_groups_follow_the_official_rules():
+    model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=64)
+    cfg = TrainConfig(out_dir="x", max_steps=1, weight_decay=0.05, layer_decay=0.5, head_lr_scale=10.0)
+    groups = build_param_groups(model, cfg)
+    where = {n: g for g in groups for n in g["names"]}
+    assert set(where) == {n for n, _ in model.named_parameters()}
+    no_decay = ["beit3.vision_embed.cls_token", "beit3.vision_embed.mask_token", "beit3.encoder.embed_positions.A.weight",
+                "beit3.encoder.embed_positions.B.weight", "beit3.encoder.layers.0.self_attn.q_proj.A.bias",
+                "beit3.encoder.layers.1.final_layer_norm.B.weight", "mlm_head.bias"]
+    for n in no_decay:
+        assert where[n]["weight_decay"] == 0.0, n
+    for n in ("beit3.text_embed.weight", "beit3.vision_embed.proj.weight", "beit3.encoder.layers.1.ffn.A.fc1.weight", "mim_head.weight"):
+        assert where[n]["weight_decay"] == 0.05, n
+    # layer ids: embeddings 0, layers.i -> i+1, rest L+1 (L = 2); scale = 0.5 ** (L + 1 - id)
+    assert where["beit3.text_embed.weight"]["lr_scale"] == 0.5**3
+    assert where["beit3.encoder.embed_positions.B.weight"]["lr_scale"] == 0.5**3
+    assert where["beit3.encoder.layers.0.ffn.A.fc1.weight"]["lr_scale"] == 0.5**2
+    assert where["beit3.encoder.layers.1.ffn.A.fc1.weight"]["lr_scale"] == 0.5**1
+    assert where["beit3.encoder.layer_norm.A.weight"]["lr_scale"] == 1.0
+    assert where["mlm_head.weight"]["lr_scale"] == 10.0  # head: L+1 and the head multiplier
+    # retrieval's logit_scale is exempt from decay
+    ret = multiway.create_model("beit3_tiny_patch8_32_retrieval")
+    where = {n: g for g in build_param_groups(ret, cfg) for n in g["names"]}
+    assert where["logit_scale"]["weight_decay"] == 0.0
+
+
+def test_cosine_schedule_with_warmup():
+    assert cosine_lr(0, 1.0, 0.1, 10, 100) == 0.0
+    assert cosine_lr(5, 1.0, 0.1, 10, 100) == pytest.approx(0.5)
+    assert cosine_lr(10, 1.0, 0.1, 10, 100) == pytest.approx(1.0)
+    assert cosine_lr(55, 1.0, 0.1, 10, 100) == pytest.approx(0.55)
+    assert cosine_lr(100, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
+    opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}], lr=1.0)
+    sched = CosineSchedule(opt, 1.0, 0.0, 4, 8)
+    seen = []
+    for _ in range(8):
+        seen.append(opt.param_groups[0]["lr"])
+        sched.step()
+    assert seen[:4] == [0.125, 0.25, 0.375, 0.5]  # update n uses lr(n) * lr_scale
+    assert seen[-1] == pytest.approx(0.0, abs=1e-12)
+    sd = sched.state_dict()
+    sched2 = CosineSchedule(opt, 1.0, 0.0, 4, 8)
+    sched2.load_state_dict(sd)
+    assert math.isclose(opt.param_groups[0]["lr"], 0.5 * cosine_lr(9, 1.0, 0.0, 4, 8))
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from multiway.data.shapes import generate_synthetic_dataset
+    from multiway.tokenizers.visual import VQKD, save_vqkd, vqkd_config
+
+    root = tmp_path_factory.mktemp("shapes")
+    generate_synthetic_dataset(root, num_images=40, num_pairs=10, imagenet_per_class=4, vocab_size=200, shard_size=10, progress=False)
+    torch.manual_seed(0)
+    vq = save_vqkd(VQKD(vqkd_config("vqkd_tiny_patch8_32")), root / "vqkd.safetensors")
+    return root, vq
+
+
+def _cfg(root, vq, out, *more):
+    return load_pretrain_config(
+        "configs/pretrain_tiny.yaml",
+        [f"data.dir={root}", f"visual_tokenizer={vq}", f"train.out_dir={out}", "batch={text: 4, image: 4, pair: 4}",
+         "data.num_workers=0", "data.eval_size=16", "train.progress=false", *more],
+    )
+
+
+def test_pretrain_batches_mask_as_the_paper_says_and_resume_exactly(tiny_data, tmp_path):
+    from multiway.tokenizers import TextTokenizer, load_vqkd
+
+    root, vq = tiny_data
+    cfg = _cfg(root, vq, tmp_path, "pair_image_mask_ratio=0.4")
+    tok = TextTokenizer(root / "shapes.spm")
+    model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=64)
+    task = PretrainTask(cfg, model.config, tok, load_vqkd(vq))
+    batches = list(itertools.islice(task.train_batches(0, 1, seed=0, start_step=0), 4))
+    b = batches[0]
+    assert set(b) == {"text", "image", "pair", "num_samples"} and b["num_samples"] == 12
+    t = b["text"]
+    real = (t["padding_mask"] == 0).sum(1)
+    maskable = real - 2  # <s> and </s> are never masked
+    assert t["text_masked_positions"].sum(1).tolist() == [max(1, round(0.15 * int(n))) for n in maskable]
+    assert (t["text_ids"][t["text_masked_positions"]] == tok.mask_id).all()
+    p = b["pair"]
+    pm = (p["padding_mask"] == 0).sum(1) - 2
+    assert p["text_masked_positions"].sum(1).tolist() == [max(1, round(0.5 * int(n))) for n in pm]
+    assert b["image"]["image_masked_positions"].shape == (4, 16)
+    assert b["image"]["image_masked_positions"].sum(1).tolist() == [6] * 4  # round(0.4 * 16), block-wise, exact
+    assert p["image_masked_positions"].sum(1).tolist() == [6] * 4
+    assert b["image"]["image"].shape == (4, 3, 32, 32)
+    # loss: finite, every stream present, targets from the tokenizer
+    loss, logs = task.loss(model, b)
+    assert torch.isfinite(loss) and {"text/loss", "image/loss", "pair_text/loss", "pair_image/loss"} <= set(logs)
+    # resuming at micro-batch 2 gives exactly batches 2 and 3 (augmentation and masks included)
+    again = list(itertools.islice(task.train_batches(0, 1, seed=0, start_step=2), 2))
+    for x, y in zip(batches[2:], again):
+        for stream in ("text", "image", "pair"):
+            for k in x[stream]:
+                assert torch.equal(x[stream][k], y[stream][k]), (stream, k)
+    # the training RNG is untouched by the data pipeline
+    torch.manual_seed(5)
+    ref = torch.rand(3)
+    torch.manual_seed(5)
+    next(iter(task.train_batches(0, 1, seed=0, start_step=0)))
+    assert torch.equal(torch.rand(3), ref)
+
+
+def test_pretrain_end_to_end_cli_and_plots(tiny_data, tmp_path):
+    from multiway.cli import main
+
+    root, vq = tiny_data
+    out = tmp_path / "run"
+    cfg = _cfg(root, vq, out, "train.max_steps=3", "train.log_every=1", "train.eval_every=2", "train.save_every=2")
+    metrics = pretrain(cfg)
+    for k in ("eval/text_acc", "eval/text_majority", "eval/image_acc", "eval/image_majority", "eval/pair_text_acc"):
+        assert 0.0 <= metrics[k] <= 1.0, k
+    assert (out / "checkpoints/step_00000003/model.safetensors").is_file()
+    vqa = multiway.create_model("beit3_tiny_patch8_32_vqav2")
+    multiway.load_checkpoint(vqa, out / "checkpoints/step_00000003/model.safetensors")
+    assert main(["plot", str(out)]) == 0
+    for name in ("loss", "accuracy", "lr", "throughput"):
+        assert (out / f"{name}.png").stat().st_size > 1000
