@@ -135,7 +135,7 @@ def load_predictor(
         labels=list(labels) if labels is not None else None,
         mean=IMAGENET_MEAN if imagenet_norm else VL_MEAN,
         std=IMAGENET_STD if imagenet_norm else VL_STD,
-        max_text_len=int(meta.get("max_text_len", 64)),
+        max_text_len=min(int(meta.get("max_text_len", 64)), net.config.max_text_positions - 2),
         options=dict(meta.get("generation", {})),
     )
 
@@ -216,7 +216,8 @@ def caption(pred: Predictor, inputs: Iterable[str | os.PathLike], num_beams: int
     length_penalty = float(opts.get("length_penalty", 0.6)) if length_penalty is None else length_penalty
     result = Result()
     for images, ok in _batches(pred, list_images(inputs), batch_size, result):
-        out = generate(pred.model, images, pred.tokenizer.mask_id, num_beams=num_beams, max_len=max_len, length_penalty=length_penalty)
+        out = generate(pred.model, images, pred.tokenizer.mask_id, num_beams=num_beams, max_len=max_len, length_penalty=length_penalty,
+                       vocab_limit=pred.tokenizer.vocab_size)
         for p, seq in zip(ok, out.sequences):
             result.rows.append({"path": str(p), "caption": pred.tokenizer.decode(seq)})
     return result

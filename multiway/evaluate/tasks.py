@@ -358,7 +358,7 @@ def evaluate_model(spec: TaskSpec, model: nn.Module, dataset: Dataset, opts: Eva
             preds = []
             for batch in loader:
                 out = generate(model, batch["image"].to(device), dataset.tokenizer.mask_id, num_beams=opts.num_beams,
-                               max_len=opts.max_len, length_penalty=opts.length_penalty)
+                               max_len=opts.max_len, length_penalty=opts.length_penalty, vocab_limit=dataset.tokenizer.vocab_size)
                 for iid, seq in zip(batch["image_id"].tolist(), out.sequences):
                     preds.append({"image_id": iid, "caption": dataset.tokenizer.decode(seq)})
             if opts.predictions_path:

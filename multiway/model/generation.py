@@ -48,8 +48,9 @@ class _Stepper:
     image + full prefix + ``<mask>`` each step. Rows can be re-indexed (beam re-ranking, pruning finished images).
     """
 
-    def __init__(self, model: nn.Module, image: Tensor, mask_id: int, use_cache: bool):
+    def __init__(self, model: nn.Module, image: Tensor, mask_id: int, use_cache: bool, vocab_limit: int | None = None):
         self.model, self.image, self.mask_id, self.use_cache = model, image, mask_id, use_cache
+        self.vocab_limit = vocab_limit
         self.cache: KVCache | None = model.beit3.new_kv_cache() if use_cache else None
 
     def _mask_col(self, n: int, device: torch.device) -> Tensor:
@@ -61,7 +62,13 @@ class _Stepper:
         logits, _ = self.model(self.image, ids, text_len=2, incremental_state=self.cache)
         if self.cache is not None:
             self.cache.crop(1)  # drop the <mask> slot
-        return F.log_softmax(logits[:, -1].float(), dim=-1)
+        return self._logp(logits)
+
+    def _logp(self, logits: Tensor) -> Tensor:
+        logp = F.log_softmax(logits[:, -1].float(), dim=-1)
+        if self.vocab_limit is not None and self.vocab_limit < logp.shape[-1]:
+            logp[:, self.vocab_limit :] = float("-inf")  # rows the tokenizer cannot decode (e.g. 64002..64009)
+        return logp
 
     def next(self, prefix: Tensor) -> Tensor:
         """prefix: (N, n) real tokens so far, ``<s>`` first -> log-probs (N, V) for token ``n``."""
@@ -69,11 +76,11 @@ class _Stepper:
         if self.cache is None:
             ids = torch.cat([prefix, self._mask_col(prefix.shape[0], prefix.device)], dim=1)
             logits, _ = self.model(self.image, ids)
-            return F.log_softmax(logits[:, -1].float(), dim=-1)
+            return self._logp(logits)
         ids = torch.cat([prefix[:, -1:], self._mask_col(prefix.shape[0], prefix.device)], dim=1)
         logits, _ = self.model(None, ids, text_len=n + 1, incremental_state=self.cache)
         self.cache.crop(1)
-        return F.log_softmax(logits[:, -1].float(), dim=-1)
+        return self._logp(logits)
 
     def select(self, index: Tensor) -> None:
         """Keep/reorder rows: the cache (or the images when recomputing)."""
@@ -106,10 +113,12 @@ def greedy_search(
     eos_id: int = EOS_ID,
     pad_id: int = PAD_ID,
     use_cache: bool = True,
+    vocab_limit: int | None = None,
 ) -> GenerationOutput:
     """Arg-max decoding. image: (B, C, H, W) -> :class:`GenerationOutput` with sequences (B, max_len).
 
     ``length_penalty`` only affects the returned scores (``sum_logprob / len ** length_penalty``).
+    ``vocab_limit``: never emit ids >= this (the tokenizer's vocabulary size; default: any row of the head).
     """
     _check(model, image, max_len)
     batch, device = image.shape[0], image.device
@@ -119,7 +128,7 @@ def greedy_search(
     tokens[:, 0] = bos_id
     sums = torch.zeros(batch, device=device)
     alive = torch.arange(batch, device=device)  # original example of each running row
-    stepper = _Stepper(model, image, mask_id, use_cache)
+    stepper = _Stepper(model, image, mask_id, use_cache, vocab_limit)
     for cur_len in range(2, max_len):
         logp = stepper.first(tokens[:, :1]) if cur_len == 2 else stepper.next(tokens[:, : cur_len - 1])
         best, word = logp.max(dim=-1)
@@ -154,6 +163,7 @@ def beam_search(
     eos_id: int = EOS_ID,
     pad_id: int = PAD_ID,
     use_cache: bool = True,
+    vocab_limit: int | None = None,
 ) -> GenerationOutput:
     """Beam search (official protocol and scoring). image: (B, C, H, W) -> sequences (B, max_len), scores (B,).
 
@@ -174,7 +184,7 @@ def beam_search(
     beam_scores[:, 1:] = -1e9  # all beams start identical: expand only the first
     beam_scores = beam_scores.view(-1)
 
-    stepper = _Stepper(model, image, mask_id, use_cache)
+    stepper = _Stepper(model, image, mask_id, use_cache, vocab_limit)
     for cur_len in range(2, max_len):
         if cur_len == 2:
             logp = stepper.first(tokens[::k, :1])  # one image encoding per example ...
