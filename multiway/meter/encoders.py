@@ -206,9 +206,19 @@ def _build_hf(cfg: TextEncoderConfig, vocab_size: int, pad_id: int) -> nn.Module
                 "weights; METER never downloads). Save one with model.save_pretrained(dir), or unset text.pretrained "
                 "for a random-init encoder"
             )
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the pooler we never use is "missing": not worth a warning
+        try:
+            try:
+                model = AutoModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False)
+            except TypeError:  # model types without a pooler flag
+                model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
         if model.get_input_embeddings().num_embeddings < vocab_size:
-            model.resize_token_embeddings(vocab_size)
+            model.resize_token_embeddings(vocab_size, mean_resizing=False)
         return model
     if cfg.name not in TEXT_MODEL_TYPES:
         raise ValueError(

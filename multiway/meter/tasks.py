@@ -211,6 +211,7 @@ def captioning_evaluate(
     batch_size: int,
     decode: Callable[[Sequence[int]], str],
     max_len: int = 20,
+    metrics_fn: Callable[[dict, dict], dict[str, float]] | None = None,
 ) -> dict[str, float]:
     """Greedy captions for each distinct image, scored against all its captions (BLEU-4, CIDEr, ...)."""
     dev = _device(model)
@@ -226,8 +227,22 @@ def captioning_evaluate(
         gen = model.generate(batch["image"][todo].to(dev), max_len=max_len)
         for i, row in zip(todo, gen.tolist()):
             preds[iids[i]] = decode(row) or "."
-    scores = caption_metrics(preds, refs)
+    scores = (metrics_fn or caption_metrics)(preds, refs)
     return {"cider": 100.0 * scores["CIDEr"], "bleu4": 100.0 * scores["Bleu_4"]}
+
+
+def fast_caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
+    """BLEU-4 and CIDEr from pycocoevalcap with lower-case whitespace tokenisation: no Java (PTB tokenizer,
+    METEOR), so a tiny study does not spend most of its time in JVM start-up. Use :func:`caption_metrics` for
+    reportable numbers."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    res = {k: [" ".join(str(v).lower().split())] for k, v in predictions.items()}
+    gts = {k: [" ".join(r.lower().split()) for r in references[k]] for k in predictions}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, _ = Cider().compute_score(gts, res)
+    return {"Bleu_4": float(bleu[3]), "CIDEr": float(cider)}
 
 
 # --- task factories -----------------------------------------------------------------------------------------
@@ -240,6 +255,7 @@ def downstream_task(
     collate_fn: Callable | None,
     batch_size: int,
     decode: Callable[[Sequence[int]], str] | None = None,
+    caption_metrics_fn: Callable[[dict, dict], dict[str, float]] | None = None,
 ) -> MapDatasetTask:
     """A fine-tuning TrainTask for ``name`` in ("vqa", "nlvr2", "retrieval", "captioning")."""
     losses = {"vqa": vqa_loss, "nlvr2": nlvr2_loss, "retrieval": retrieval_loss, "captioning": captioning_loss}
@@ -254,7 +270,7 @@ def downstream_task(
     else:
         if decode is None:
             raise ValueError("captioning evaluation needs decode= (the tokenizer's id -> text function)")
-        ev = lambda model: captioning_evaluate(model, eval_set, collate_fn, batch_size, decode)  # noqa: E731
+        ev = lambda model: captioning_evaluate(model, eval_set, collate_fn, batch_size, decode, metrics_fn=caption_metrics_fn)  # noqa: E731
     return MapDatasetTask(train_set, collate_fn, batch_size, losses[name], eval_fn=ev)
 
 

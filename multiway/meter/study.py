@@ -1,0 +1,344 @@
+"""The METER study: pre-train and fine-tune every cell of a (fusion x architecture x objectives x encoders)
+grid on one data set, and tabulate task metrics, parameter counts and throughput.
+
+Each cell: build a tiny METER, pre-train it on the data set's image-caption pairs with the cell's objectives,
+then fine-tune a copy on each downstream task (VQAv2, NLVR2, retrieval with fusion re-ranking, and captioning
+for the encoder-decoder) and evaluate with the shared metrics. Results go to ``results.json``, ``results.md``
+and ``results.png`` under ``out_dir``.
+
+The "pretrained" text encoders of the grid are real local checkpoints: a tiny BERT trained here with MLM on the
+data set's text for ``text_pretrain_steps`` and saved with ``save_pretrained``; the METER model then loads it
+with ``AutoModel.from_pretrained(local_dir)`` exactly as it would load ``bert-base-uncased`` from disk.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .config import TINY_TEXT, MeterConfig, ObjectiveConfig, tiny_config
+from .model import METERForPretraining, count_parameters
+from .objectives import TextSpec
+from .optim import fit
+from .tasks import TASK_MODELS, downstream_task, fast_caption_metrics, pretraining_task
+
+# encoder pairs of the grid: name -> (tiny vision encoder, tiny text encoder, text encoder pre-trained locally?)
+ENCODERS: dict[str, tuple[str, str, bool]] = {
+    "vit+bert_pretrained": ("vit", "bert", True),
+    "vit+bert": ("vit", "bert", False),
+    "vit+roberta": ("vit", "roberta", False),
+    "vit+embedding": ("vit", "embedding", False),
+    "swin+bert_pretrained": ("swin", "bert", True),
+    "swin+roberta": ("swin", "roberta", False),
+    "multiway+bert_pretrained": ("multiway", "bert", True),
+    "multiway+embedding": ("multiway", "embedding", False),
+}
+# objective sets: name -> ObjectiveConfig fields
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "mlm+itm": dict(mlm=True, itm=True, mim=False),
+    "mlm+itm+mim": dict(mlm=True, itm=True, mim=True),
+    "mlm": dict(mlm=True, itm=False, mim=False),
+    "itm": dict(mlm=False, itm=True, mim=False),
+    "wwm+itm_hard": dict(mlm=True, itm=True, whole_word_masking=True, itm_hard_negatives=True),
+}
+TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
+
+
+@dataclass
+class StudyConfig:
+    """The grid and the budget of each cell (defaults: tiny, CPU, a few minutes in all)."""
+
+    data_dir: str = "data/builtin"
+    out_dir: str = "runs/meter_study"
+    fusions: list[str] = field(default_factory=lambda: ["co_attention", "merged_attention"])
+    architectures: list[str] = field(default_factory=lambda: ["encoder_only", "encoder_decoder"])
+    objectives: list[str] = field(default_factory=lambda: ["mlm+itm", "mlm+itm+mim"])
+    encoders: list[str] = field(default_factory=lambda: ["vit+bert_pretrained", "vit+bert", "vit+embedding"])
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    pretrain_steps: int = 60
+    finetune_steps: int = 40
+    text_pretrain_steps: int = 150
+    batch_size: int = 16
+    max_len: int = 24
+    img_size: int = 32
+    lr: float = 2e-4  # "bottom" lr; top x5, heads x10 (tiny models from scratch need more than the paper's 1e-5)
+    lr_mult_top: float = 5.0
+    lr_mult_head: float = 10.0
+    precision: str = "fp32"
+    seed: int = 0
+    max_eval_items: int = 128
+    num_images: int = 400  # scenes of the built-in data when it is generated
+    num_threads: int = 1  # tiny models on a shared CPU: one thread is many times faster than contended ones
+    java_caption_metrics: bool = False  # True: the full COCO caption metrics (PTB tokenizer, METEOR; slow)
+
+    def __post_init__(self) -> None:
+        from .config import ARCHITECTURES, FUSION_KINDS
+
+        for option, values, accepted in (
+            ("fusions", self.fusions, FUSION_KINDS),
+            ("architectures", self.architectures, ARCHITECTURES),
+            ("objectives", self.objectives, tuple(OBJECTIVES)),
+            ("encoders", self.encoders, tuple(ENCODERS)),
+            ("tasks", self.tasks, TASKS),
+        ):
+            bad = [v for v in values if v not in accepted]
+            if bad:
+                raise ValueError(f"study {option}: {bad} not supported; accepted values: {', '.join(accepted)}")
+
+    @classmethod
+    def load(cls, path: str | Path, **overrides: Any) -> "StudyConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = data.get("study", data)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"{path}: unknown study field(s) {sorted(unknown)}; valid: {sorted(names)}")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**data)
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+def ensure_data(data_dir: str | Path, img_size: int = 32, seed: int = 0, num_images: int = 400) -> Path:
+    """Use ``data_dir`` if it holds the study's index files; otherwise generate the built-in data there
+    (:func:`multiway.data.shapes.generate_synthetic_dataset`, at ``img_size`` px)."""
+    root = Path(data_dir)
+    if (root / "coco_retrieval.train.jsonl").is_file():
+        return root
+    if root.exists() and any(root.iterdir()):
+        raise FileNotFoundError(
+            f"--data {root}: exists but has no coco_retrieval.train.jsonl; point --data at a data set in the "
+            "official index format (coco_retrieval, vqa, nlvr2 files) or at a new folder to generate the built-in one"
+        )
+    from ..data.shapes import generate_synthetic_dataset
+
+    return generate_synthetic_dataset(root, num_images=num_images, img_size=img_size, seed=seed, progress=False)
+
+
+def find_spm(root: Path) -> Path:
+    models = sorted(root.glob("*.model")) + sorted(root.glob("*.spm"))
+    if not models:
+        raise FileNotFoundError(f"{root}: no SentencePiece model (*.model / *.spm) for the text tokenizer")
+    return models[0]
+
+
+@dataclass
+class StudyData:
+    tokenizer: Any
+    spec: TextSpec
+    splits: dict[str, Any]  # "<task>/<split>" -> Dataset
+
+
+def load_study_data(cfg: StudyConfig) -> StudyData:
+    from torch.utils.data import Subset
+
+    from ..data.formats import create_dataset
+    from ..data.transforms import build_transform
+    from ..tokenizers.text import TextTokenizer
+
+    root = ensure_data(cfg.data_dir, cfg.img_size, cfg.seed, cfg.num_images)
+    tok = TextTokenizer(find_spm(root))
+    splits = {}
+    for task, name in (("coco_retrieval", "retrieval"), ("vqav2", "vqa"), ("nlvr2", "nlvr2")):
+        for split in ("train", "val"):
+            tf = build_transform(task, is_train=False, img_size=cfg.img_size)  # no flips: the data talks about places
+            ds = create_dataset(task, root, split, transform=tf, tokenizer=tok, max_len=cfg.max_len)
+            if split == "val" and len(ds) > cfg.max_eval_items:
+                ds = Subset(ds, range(cfg.max_eval_items))
+            splits[f"{name}/{split}"] = ds
+    return StudyData(tok, TextSpec.from_tokenizer(tok), splits)
+
+
+def _collate(samples: list) -> dict:
+    from ..data.formats import collate_batch
+
+    batch = collate_batch(samples)
+    batch.pop("batch_size", None)
+    return batch
+
+
+# --- a locally pre-trained text encoder -------------------------------------------------------------------
+
+
+def pretrain_text_encoder(out_dir: str | Path, data: StudyData, text_cfg_name: str, steps: int, batch_size: int, seed: int) -> Path:
+    """MLM-pretrain a tiny transformers encoder on the data set's captions; ``save_pretrained`` to ``out_dir``."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    from .objectives import mlm_mask
+
+    out = Path(out_dir)
+    if (out / "config.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    tc = TINY_TEXT[text_cfg_name]
+    kwargs = dict(tc.kwargs, vocab_size=data.spec.vocab_size, pad_token_id=data.spec.pad_id, max_position_embeddings=tc.max_len + 3)
+    model = AutoModelForMaskedLM.from_config(AutoConfig.for_model(tc.name, **kwargs))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    ds = data.splits["retrieval/train"]
+    rng = __import__("numpy").random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    model.train()
+    for step in range(steps):
+        idx = torch.randint(len(ds), (batch_size,), generator=g).tolist()
+        batch = _collate([ds[i] for i in idx])
+        ids, pad = batch["language_tokens"], batch["padding_mask"]
+        inp, labels = mlm_mask(ids, pad, data.spec, 0.15, False, rng)
+        loss = model(input_ids=inp, attention_mask=(1 - pad), labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.base_model.save_pretrained(out)
+    return out
+
+
+# --- cells ------------------------------------------------------------------------------------------------
+
+
+def cell_config(cfg: StudyConfig, fusion: str, arch: str, objectives: str, encoders: str, data: StudyData, text_dir: Path | None) -> MeterConfig:
+    vision, text, pretrained = ENCODERS[encoders]
+    mc = tiny_config(vision, text, fusion, arch, **OBJECTIVES[objectives])
+    mc.text.vocab_size = data.spec.vocab_size
+    mc.text.max_len = max(mc.text.max_len, cfg.max_len)
+    if pretrained:
+        mc.text.pretrained = str(text_dir)
+    mc.optim.lr, mc.optim.lr_mult_top, mc.optim.lr_mult_head = cfg.lr, cfg.lr_mult_top, cfg.lr_mult_head
+    return mc
+
+
+def run_cell(cfg: StudyConfig, mc: MeterConfig, data: StudyData) -> dict[str, Any]:
+    """Pre-train, then fine-tune a copy per task; returns the row of the table."""
+    torch.manual_seed(cfg.seed)
+    spec = data.spec
+    model = METERForPretraining(mc, pad_id=spec.pad_id, bos_id=spec.bos_id, eos_id=spec.eos_id)
+    row: dict[str, Any] = {"params_M": count_parameters(model.meter) / 1e6}
+    pt = pretraining_task(data.splits["retrieval/train"], _collate, cfg.batch_size, spec, mc.objectives)
+    t0 = time.perf_counter()
+    res = fit(model, pt, cfg.pretrain_steps, mc.optim, cfg.precision, seed=cfg.seed, evaluate=False)
+    row["pretrain_s"] = time.perf_counter() - t0
+    row["samples_per_s"] = res["samples_per_s"]
+    row["pretrain_loss"] = res.get("loss", float("nan"))
+    row["bad_steps"] = res["bad_steps"]
+    decode = data.tokenizer.decode
+    for task in cfg.tasks:
+        if task == "captioning" and mc.architecture != "encoder_decoder":
+            continue
+        train_key, eval_key = {"captioning": ("retrieval/train", "retrieval/val")}.get(task, (f"{task}/train", f"{task}/val"))
+        meter = copy.deepcopy(model.meter)
+        kwargs: dict[str, Any] = {}
+        if task == "vqa":
+            ds = data.splits["vqa/train"]
+            kwargs["num_labels"] = getattr(ds, "num_labels", None) or ds.dataset.num_labels
+        if task == "retrieval" and mc.objectives.itm:
+            kwargs["itm_head"] = model.itm_head
+        tm = TASK_MODELS[task](meter, **kwargs)
+        metrics_fn = None if cfg.java_caption_metrics else fast_caption_metrics
+        t = downstream_task(task, data.splits[train_key], data.splits[eval_key], _collate, cfg.batch_size, decode, metrics_fn)
+        r = fit(tm, t, cfg.finetune_steps, mc.optim, cfg.precision, seed=cfg.seed)
+        if task == "vqa":
+            row["vqa_score"] = r["eval/vqa_score"]
+        elif task == "nlvr2":
+            row["nlvr2_acc"] = r["eval/nlvr2_acc"]
+        elif task == "retrieval":
+            row["ir_r@1"], row["tr_r@1"] = r["eval/ir_r@1"], r["eval/tr_r@1"]
+            row["ret_avg"], row["ret_dual_avg"] = r["eval/average"], r["eval/dual_average"]
+        else:
+            row["cider"], row["bleu4"] = r["eval/cider"], r["eval/bleu4"]
+        row["bad_steps"] += r["bad_steps"]
+    return row
+
+
+def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every cell; write ``results.{json,md,png}`` under ``cfg.out_dir``; return the rows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.num_threads)
+    try:
+        return _run_study(cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_study(cfg: StudyConfig, progress: bool) -> list[dict[str, Any]]:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_study_data(cfg)
+    text_dirs: dict[str, Path] = {}
+    for enc in cfg.encoders:
+        _, text, pretrained = ENCODERS[enc]
+        if pretrained and text not in text_dirs:
+            text_dirs[text] = pretrain_text_encoder(out / f"text_{text}_pretrained", data, text, cfg.text_pretrain_steps, cfg.batch_size, cfg.seed)
+    rows = []
+    cells = [(f, a, o, e) for e in cfg.encoders for o in cfg.objectives for a in cfg.architectures for f in cfg.fusions]
+    for i, (f, a, o, e) in enumerate(cells):
+        mc = cell_config(cfg, f, a, o, e, data, text_dirs.get(ENCODERS[e][1]))
+        t0 = time.perf_counter()
+        row = {"fusion": f, "architecture": a, "objectives": o, "encoders": e, **run_cell(cfg, mc, data)}
+        row["cell_s"] = time.perf_counter() - t0
+        rows.append(row)
+        if progress:
+            print(f"[meter study] {i + 1}/{len(cells)} {f} {a} {o} {e}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("fusion", "architecture", "objectives", "encoders")), flush=True)
+        write_results(rows, cfg, out)
+    return rows
+
+
+# --- outputs ----------------------------------------------------------------------------------------------
+
+COLUMNS = [
+    ("vqa_score", "VQA score"), ("nlvr2_acc", "NLVR2 acc"), ("ir_r@1", "IR R@1"), ("tr_r@1", "TR R@1"),
+    ("ret_avg", "Ret. avg (re-ranked)"), ("ret_dual_avg", "Ret. avg (dual only)"), ("cider", "CIDEr"), ("bleu4", "BLEU-4"),
+    ("params_M", "Params (M)"), ("samples_per_s", "Pretrain samples/s"), ("pretrain_loss", "Pretrain loss"),
+]
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    head = ["Fusion", "Architecture", "Objectives", "Encoders"] + [c[1] for c in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["fusion"], r["architecture"], r["objectives"], r["encoders"]]
+        cells += [_fmt(r[k]) if k in r else "—" for k, _ in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict[str, Any]], cfg: StudyConfig, out: Path) -> None:
+    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=1))
+    (out / "results.md").write_text(to_markdown(rows))
+    plot(rows, out / "results.png")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per task metric, one bar per configuration."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [(k, name) for k, name in COLUMNS[:8] if any(k in r for r in rows) and k not in ("ir_r@1", "tr_r@1", "bleu4")]
+    labels = [f"{r['fusion'][:5]}/{r['architecture'][:7]}/{r['objectives']}/{r['encoders']}" for r in rows]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 1.2 + 0.28 * len(rows)), squeeze=False)
+    colors = ["tab:blue" if r["fusion"] == "co_attention" else "tab:orange" for r in rows]
+    for ax, (k, name) in zip(axes[0], metrics):
+        vals = [r.get(k, 0.0) for r in rows]
+        ax.barh(range(len(rows)), vals, color=colors)
+        ax.set_title(name)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels(labels if ax is axes[0][0] else [], fontsize=7)
+        ax.invert_yaxis()
+    fig.suptitle("METER grid on the built-in data (blue: co-attention, orange: merged attention)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
