@@ -222,3 +222,37 @@ def test_build_nlvr2_and_imagenet_indexes(tmp_path, tok):
     assert counts == {"imagenet.train.index.jsonl": 2, "imagenet.val.index.jsonl": 2}
     assert _read(root / "imagenet.val.index.jsonl")[1] == {
         "image_path": "val/n01443537/n01443537_1.JPEG", "label": 1}
+
+
+def test_transforms():
+    from PIL import Image
+
+    from multiway.data.transforms import PretrainTransform, build_transform
+
+    img = Image.new("RGB", (40, 30), (255, 0, 0))
+    ev = build_transform("vqav2", is_train=False, img_size=16)(img)
+    assert ev.shape == (3, 16, 16)  # squashed, not cropped
+    assert torch.allclose(ev[0], torch.ones(16, 16), atol=1e-2) and torch.allclose(ev[1], -torch.ones(16, 16), atol=1e-2)
+    assert build_transform("nlvr2", is_train=True, img_size=16, randaug=True)(img).shape == (3, 16, 16)
+    inet = build_transform("imagenet", is_train=False, img_size=16, crop_pct=0.875)(img)
+    assert inet.shape == (3, 16, 16) and inet[0].mean() == pytest.approx((1 - 0.485) / 0.229, abs=0.05)
+    assert build_transform("imagenet", is_train=True, img_size=16)(img).shape == (3, 16, 16)
+    view, tok_view = PretrainTransform(16, tokenizer_size=8, color_jitter=0.0)(img)
+    assert view.shape == (3, 16, 16) and tok_view.shape == (3, 8, 8)
+    assert torch.allclose(view, tok_view.mean((1, 2), keepdim=True) * 2 - 1, atol=1e-2)  # same crop, two scalings
+    with pytest.raises(ValueError, match="unknown task"):
+        build_transform("segmentation", True)
+
+
+def test_cli_builds_indexes_and_trains_a_tokenizer(tmp_path):
+    from multiway.cli import main
+
+    shutil.copytree(FIX / "raw" / "imagenet", tmp_path / "inet")
+    assert main(["data", "index", "imagenet", str(tmp_path / "inet")]) == 0
+    assert len(_read(tmp_path / "inet" / "imagenet.train.index.jsonl")) == 2
+    (tmp_path / "c.txt").write_text("\n".join(["a red square and a blue circle"] * 20))
+    assert main(["tokenizer", "train", str(tmp_path / "c.txt"), "--out", str(tmp_path / "t"), "--vocab-size", "30",
+                 "--soft-vocab-limit"]) == 0
+    assert main(["data", "index", "nlvr2", str(tmp_path), "--nlvr-dir", str(FIX / "raw" / "nlvr"),
+                 "--tokenizer", str(tmp_path / "t.model")]) == 0
+    assert len(_read(tmp_path / "nlvr2.train.index.jsonl")) == 2

@@ -579,12 +579,9 @@ def build_teacher(spec: str | Callable[[torch.Tensor], torch.Tensor], grid: int,
             raise FileNotFoundError(f"TorchScript teacher not found: {path}")
         return FeatureTeacher(torch.jit.load(path, map_location="cpu"), grid)
     if kind == "multiway":
-        import multiway
+        from multiway.model import create_model
 
-        create = getattr(multiway, "create_model", None)
-        if create is None:
-            raise RuntimeError("multiway.create_model is not available in this version of multiway")
-        model = create(arg)
+        model = create_model(arg)
         encode = getattr(model, "encode_image", None)
         if encode is None:
             raise AttributeError(f"multiway model {arg!r} has no encode_image(images) method")
