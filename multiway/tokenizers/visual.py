@@ -772,7 +772,9 @@ def probe_visual_tokenizer(tokenizer: str | os.PathLike | VQKD, data_dir: str | 
     va_files, yva = read(val_index)
     xtr, xva = hist(tr_files), hist(va_files)
     num_classes = int(max(ytr.max(), yva.max())) + 1
-    clf = nn.Linear(model.n_code, num_classes)
+    with torch.random.fork_rng():  # a fixed classifier init, so the probe is reproducible
+        torch.manual_seed(0)
+        clf = nn.Linear(model.n_code, num_classes)
     opt = torch.optim.Adam(clf.parameters(), lr=0.05)
     mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
     for _ in range(epochs):  # full-batch; the data is small
