@@ -250,7 +250,8 @@ def _init_heads(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 class _Wrapper(nn.Module):
@@ -277,7 +278,9 @@ class METERForPretraining(_Wrapper):
         self.itm_head = nn.Linear(m.feature_dim, 2)
         patch_pixels = 3 * m.vision.reduction**2
         self.mim_head = nn.Sequential(nn.Linear(H, H), nn.GELU(), LayerNorm32(H), nn.Linear(H, mim_classes or patch_pixels))
-        _init_heads(self)
+        for head in (self.mlm_head, self.itm_head, self.mim_head):
+            if head is not None:
+                _init_heads(head)
 
 
 class METERForVQA(_Wrapper):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -235,6 +236,30 @@ def sample_negative_images(sim: Tensor | None, batch_size: int, device: torch.de
     eye = torch.eye(batch_size, dtype=torch.bool, device=device)
     weights = (weights + 1e-8).masked_fill(eye, 0.0)
     return torch.multinomial(weights, 1).squeeze(1)
+
+
+def load_mim_tokenizer(obj: ObjectiveConfig, grid: int) -> Any:
+    """The frozen VQ-KD tokenizer for ``mim_target="vqkd"`` (a local file written by ``save_vqkd``, or a
+    VQ-KD preset name for random codes); None for pixel regression. Its grid must equal the encoder's."""
+    if not (obj.mim and obj.mim_target == "vqkd"):
+        return None
+    if not obj.vqkd_tokenizer:
+        raise ValueError("objectives.mim_target='vqkd' needs objectives.vqkd_tokenizer (a local VQ-KD file or preset name)")
+    from ..tokenizers.visual import VQKD_PRESETS, load_vqkd
+
+    path = obj.vqkd_tokenizer
+    if path not in VQKD_PRESETS and not Path(path).is_file():
+        raise FileNotFoundError(
+            f"objectives.vqkd_tokenizer={path!r}: no such local file; accepted values: a file written by save_vqkd "
+            f"or a preset ({', '.join(VQKD_PRESETS)})"
+        )
+    tok = load_vqkd(path).eval().requires_grad_(False)
+    if tok.config.grid != grid:
+        raise ValueError(
+            f"objectives.vqkd_tokenizer has a {tok.config.grid}x{tok.config.grid} code grid but the vision encoder's "
+            f"output grid is {grid}x{grid}; choose matching img_size / patch sizes"
+        )
+    return tok
 
 
 # --- the combined loss ------------------------------------------------------------------------------------

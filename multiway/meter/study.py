@@ -26,7 +26,7 @@ import yaml
 
 from .config import TINY_TEXT, MeterConfig, ObjectiveConfig, tiny_config
 from .model import METERForPretraining, count_parameters
-from .objectives import TextSpec
+from .objectives import TextSpec, load_mim_tokenizer
 from .optim import fit
 from .tasks import TASK_MODELS, downstream_task, fast_caption_metrics, pretraining_task
 
@@ -48,6 +48,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "mlm": dict(mlm=True, itm=False, mim=False),
     "itm": dict(mlm=False, itm=True, mim=False),
     "wwm+itm_hard": dict(mlm=True, itm=True, whole_word_masking=True, itm_hard_negatives=True),
+    "mlm+itm+mim_vqkd": dict(mlm=True, itm=True, mim=True, mim_target="vqkd", vqkd_tokenizer="vqkd_tiny_patch8_32"),
 }
 TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
 
@@ -219,8 +220,11 @@ def run_cell(cfg: StudyConfig, mc: MeterConfig, data: StudyData) -> dict[str, An
     torch.manual_seed(cfg.seed)
     spec = data.spec
     model = METERForPretraining(mc, pad_id=spec.pad_id, bos_id=spec.bos_id, eos_id=spec.eos_id)
+    vqkd = load_mim_tokenizer(mc.objectives, model.meter.vision.grid)
+    if vqkd is not None:
+        model = METERForPretraining(model.meter, mim_classes=vqkd.n_code)
     row: dict[str, Any] = {"params_M": count_parameters(model.meter) / 1e6}
-    pt = pretraining_task(data.splits["retrieval/train"], _collate, cfg.batch_size, spec, mc.objectives)
+    pt = pretraining_task(data.splits["retrieval/train"], _collate, cfg.batch_size, spec, mc.objectives, vqkd=vqkd)
     t0 = time.perf_counter()
     res = fit(model, pt, cfg.pretrain_steps, mc.optim, cfg.precision, seed=cfg.seed, evaluate=False)
     row["pretrain_s"] = time.perf_counter() - t0
