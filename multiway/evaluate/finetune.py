@@ -47,6 +47,7 @@ class FinetuneConfig:
     max_text_len: int = 64
     num_workers: int = 0
     randaug: bool = False
+    imagenet_auto_augment: bool = True  # False: ImageNet training without timm's RandAugment/random erasing
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
@@ -154,7 +155,8 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
     data_kwargs: dict[str, Any] = dict(tokenizer=tok, max_len=cfg.max_text_len, img_size=preset_img)
     if spec.head == "captioning":
         data_kwargs["mask_prob"] = cfg.mask_prob
-    train_set = build_dataset(spec, cfg.data_dir, "train", randaug=cfg.randaug, **data_kwargs)
+    train_set = build_dataset(spec, cfg.data_dir, "train", randaug=cfg.randaug, imagenet_auto_augment=cfg.imagenet_auto_augment,
+                              **data_kwargs)
     num_classes = _num_classes(spec, cfg, train_set)
     if model is None:
         model = build_task_model(spec, cfg, num_classes)

@@ -210,6 +210,14 @@ def build_dataset(spec: TaskSpec, data_dir: str | os.PathLike, split: str, token
     from ..data.formats import create_dataset
 
     kwargs.pop("label_names", None)
+    if spec.name == "imagenet" and not kwargs.pop("imagenet_auto_augment", True) and split == "train":
+        from torchvision.transforms import v2
+
+        from ..data.transforms import BICUBIC, IMAGENET_MEAN, IMAGENET_STD
+
+        kwargs["transform"] = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=BICUBIC, antialias=True),
+                                          v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    kwargs.pop("imagenet_auto_augment", None)
     if kwargs.pop("randaug", False) and split == "train":
         from ..data.transforms import build_transform
 
