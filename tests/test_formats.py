@@ -2,6 +2,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -236,7 +237,15 @@ def test_transforms():
     assert build_transform("nlvr2", is_train=True, img_size=16, randaug=True)(img).shape == (3, 16, 16)
     inet = build_transform("imagenet", is_train=False, img_size=16, crop_pct=0.875)(img)
     assert inet.shape == (3, 16, 16) and inet[0].mean() == pytest.approx((1 - 0.485) / 0.229, abs=0.05)
-    assert build_transform("imagenet", is_train=True, img_size=16)(img).shape == (3, 16, 16)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (30, 40, 3), dtype=np.uint8))
+    train = build_transform("imagenet", is_train=True, img_size=16)
+    torch.manual_seed(0)
+    import random as pyrandom
+
+    pyrandom.seed(0)
+    np.random.seed(0)
+    # timm's rand-m9-mstd0.5-inc1 sometimes draws posterize with 0 bits, which current Pillow rejects
+    assert all(train(noisy).shape == (3, 16, 16) for _ in range(1500))
     view, tok_view = PretrainTransform(16, tokenizer_size=8, color_jitter=0.0)(img)
     assert view.shape == (3, 16, 16) and tok_view.shape == (3, 8, 8)
     assert torch.allclose(view, tok_view.mean((1, 2), keepdim=True) * 2 - 1, atol=1e-2)  # same crop, two scalings

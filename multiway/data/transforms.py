@@ -60,13 +60,34 @@ def build_imagenet_transform(is_train: bool, img_size: int = 224, crop_pct: floa
     if is_train:
         from timm.data import create_transform
 
-        return create_transform(input_size=img_size, is_training=True, color_jitter=0.4,
-                                auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
-                                re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        tf = create_transform(input_size=img_size, is_training=True, color_jitter=0.4,
+                              auto_augment="rand-m9-mstd0.5-inc1", interpolation="bicubic", re_prob=0.25,
+                              re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+        _patch_posterize(tf)
+        return tf
     return v2.Compose([
         v2.ToImage(), v2.Resize(int(img_size / crop_pct), interpolation=BICUBIC, antialias=True),
         v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
     ])
+
+
+def _safe_posterize(img, bits_to_keep: int, **_):
+    """Posterize as older Pillow did: 0 bits kept gives black. With ``mstd0.5`` timm's increasing posterize can
+    draw 0 bits, which Pillow >= 10 rejects with a ValueError inside a dataloader worker."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform) -> None:
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = _safe_posterize
 
 
 class PretrainTransform:
