@@ -1,10 +1,17 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
+
+# Under pytest-xdist each worker is its own process: one intra-op thread each avoids oversubscribing the
+# cores, which slows CPU kernels by an order of magnitude.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 FIXTURES = Path(__file__).parent / "fixtures"
 GOLDEN = FIXTURES / "golden"
