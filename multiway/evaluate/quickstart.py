@@ -61,7 +61,7 @@ def _pretrain(data: Path, out: Path, preset: str, steps: int, seed: int, fast: b
 
     batch = 16 if fast else 32
     cfg = PretrainConfig(
-        model=preset, vqkd_steps=20 if fast else 300, batch={"text": batch, "image": batch, "pair": batch},
+        model=preset, vqkd_steps=20 if fast else 150, batch={"text": batch, "image": batch, "pair": batch},
         data=DataConfig(dir=str(data), builtin=False, num_workers=0, eval_size=64),
         train=TrainConfig(out_dir=str(out), max_steps=steps, lr=2e-3, min_lr=1e-5, warmup_steps=max(2, steps // 10),
                           betas=(0.9, 0.98), eps=1e-6, log_every=max(1, steps // 30), save_every=0, keep_last=1,
@@ -110,8 +110,6 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0) -
                 task=task, data_dir=str(task_dir), out_dir=str(run), model=preset, init=str(init) if init else None,
                 tokenizer=str(spm), batch_size=16 if fast else 32, max_text_len=24, eval_split=split, num_beams=2,
                 max_gen_len=16, mask_prob=0.5, drop_worst_after=10**9,
-                # timm's rand-m9-mstd0.5-inc1 can draw posterize bits=0, which Pillow now rejects; plain crops here
-                imagenet_auto_augment=False,
                 train=dict(max_steps=steps[1] if fast else steps[0], lr=lr, warmup_steps=2 if fast else 15, weight_decay=0.01,
                            log_every=2 if fast else 10, save_every=0, keep_last=1, seed=seed, progress=not fast),
             )
