@@ -27,7 +27,6 @@ def data(tmp_path_factory):
 def _model(task, num_classes=None):
     head = TASKS[task].head
     kwargs = {"num_classes": num_classes} if num_classes else {}
-    from multiway.model import text_heads  # noqa: F401
 
     return multiway.create_model(f"beit3_tiny_patch8_32_{head}", **kwargs)
 

@@ -1,8 +1,7 @@
 """Downstream: fine-tuning, evaluation with the standard metrics, inference, caption generation, the quickstart."""
 
-from ..model import text_heads as _text_heads  # noqa: F401  (registers the "textclassification" head)
 from ..model.generation import GenerationOutput, beam_search, generate, greedy_search
-from ..model.text_heads import BEiT3ForTextClassification
+from ..model.heads import BEiT3ForTextClassification
 from .finetune import FinetuneConfig, evaluate, finetune
 from .losses import captioning_loss, classification_loss, soft_target_cross_entropy, vqa_loss
 from .metrics import (

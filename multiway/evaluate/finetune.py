@@ -112,7 +112,6 @@ def build_task_model(spec: TaskSpec, cfg: FinetuneConfig, num_classes: int | Non
     """``create_model("<preset>_<head>")`` initialised from ``cfg.init`` (or from scratch)."""
     import multiway
 
-    from ..model import text_heads  # noqa: F401  (registers the text-classification head)
 
     kwargs = dict(cfg.model_overrides)
     if num_classes is not None:
@@ -227,7 +226,6 @@ def evaluate(run_or_model: str | os.PathLike, task: str | None = None, data_dir:
     """
     import multiway
 
-    from ..model import text_heads  # noqa: F401
 
     path = Path(run_or_model)
     saved: dict[str, Any] = {}

@@ -98,7 +98,6 @@ def load_predictor(
     from multiway.model.factory import model_name_of
 
     from .. import model as _  # noqa: F401  (registry)
-    from ..model import text_heads as _text_heads  # noqa: F401  (registers "textclassification")
 
     meta: dict = {}
     if isinstance(model, nn.Module):

@@ -272,6 +272,27 @@ class BEiT3ForCaptioning(BEiT3Model):
         return self.mlm_head(text_feats), incremental_state
 
 
+class BEiT3ForTextClassification(BEiT3Model):
+    """Language encoder + pooler on ``<s>`` + linear classifier (beyond the official release).
+
+    forward(text_ids (B,T), padding_mask (B,T)) -> logits (B, num_classes). Only language experts run.
+    """
+
+    def __init__(self, config: MultiwayConfig, num_classes: int = 2):
+        super().__init__(config)
+        self.num_classes = num_classes
+        self.pooler = Pooler(config.embed_dim)
+        self.head = nn.Linear(config.embed_dim, num_classes)
+        _init_linear_and_norm(self.pooler)
+        _init_linear_and_norm(self.head)
+
+    def head_config(self) -> dict:
+        return {"num_classes": self.num_classes}
+
+    def forward(self, text_ids: Tensor, padding_mask: Tensor | None = None, **kwargs) -> Tensor:
+        return self.head(self.pooler(self.beit3.encode_text(text_ids, padding_mask)))
+
+
 class BEiT3ForPretraining(BEiT3Model):
     """Masked data modeling: one backbone, a text head over the vocabulary and an image head over visual tokens.
 
@@ -315,5 +336,6 @@ TASK_HEADS: dict[str, tuple[type[BEiT3Model], dict]] = {
     "nlvr2": (BEiT3ForVisualReasoning, {}),
     "retrieval": (BEiT3ForRetrieval, {}),
     "captioning": (BEiT3ForCaptioning, {}),
+    "textclassification": (BEiT3ForTextClassification, {}),
     "pretraining": (BEiT3ForPretraining, {}),
 }
