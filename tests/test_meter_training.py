@@ -19,7 +19,8 @@ from multiway.meter.model import METERForPretraining
 from multiway.meter.objectives import (
     TextSpec, mask_pixels, mim_mask, patch_pixel_targets, pretraining_loss, sample_negative_images, span_corrupt, whole_word_mask,
 )
-from multiway.meter.optim import fit, linear_lr, meter_param_groups
+from multiway.meter.optim import meter_param_groups, train_config
+from multiway.train import linear_lr, train
 
 V = 60
 
@@ -119,10 +120,10 @@ def test_param_groups_and_schedule():
     assert "meter.fusion.text_layers.0.self_attn.q.weight" in by_level["top"]
     assert "itm_head.weight" in by_level["head"]
     assert len(set().union(*by_level.values())) == sum(1 for _ in model.parameters())
-    lrs = [linear_lr(s, 1.0, 10, 100) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
-    assert lrs[99] == pytest.approx(1 / 90) and linear_lr(100, 1.0, 10, 100) == 0.0
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert model.optim_groups() == meter_param_groups(model, model.config.optim)  # what the shared loop uses
+    lrs = [linear_lr(s, 1.0, 0.0, 10, 100) for s in range(101)]
+    assert lrs[1] == pytest.approx(0.1) and lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5)
+    assert lrs[100] == 0.0 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
 class _RandomPairs:
@@ -139,10 +140,11 @@ class _RandomPairs:
 
 
 @pytest.mark.parametrize("fusion,arch", [("co_attention", "encoder_only"), ("merged_attention", "encoder_decoder")])
-def test_bf16_training_stays_finite(fusion, arch):
+def test_bf16_training_stays_finite(fusion, arch, tmp_path):
     """A few steps under CPU bf16 autocast with every objective on, at a deliberately high lr."""
     cfg = tiny_config("vit", "bert", fusion, arch, mim=True, itm_hard_negatives=True, whole_word_masking=True)
     cfg.text.vocab_size = V
+    cfg.optim = OptimConfig(lr=1e-3, lr_mult_head=10)
     model = METERForPretraining(cfg)
     spec = _spec()
 
@@ -150,7 +152,7 @@ def test_bf16_training_stays_finite(fusion, arch):
         def loss(self, model, batch):
             return pretraining_loss(model, batch, spec, cfg.objectives)
 
-    res = fit(model, Task(), 4, OptimConfig(lr=1e-3, lr_mult_head=10), precision="bf16", evaluate=False)
+    res = train(model, Task(), train_config(cfg.optim, 4, str(tmp_path), precision="bf16"))
     assert res["bad_steps"] == 0
     for k in ("loss", "mlm/loss", "itm/loss", "mim/loss", "itc/loss"):
         assert math.isfinite(res[k]), k

@@ -10,7 +10,7 @@ import torch
 
 import multiway
 from multiway.train import TrainConfig, build_param_groups, cosine_lr
-from multiway.train.optim import CosineSchedule
+from multiway.train.optim import LRSchedule
 from multiway.train.pretrain import PretrainTask, load_pretrain_config, pretrain
 
 
@@ -47,7 +47,7 @@ def test_cosine_schedule_with_warmup():
     assert cosine_lr(55, 1.0, 0.1, 10, 100) == pytest.approx(0.55)
     assert cosine_lr(100, 1.0, 0.1, 10, 100) == pytest.approx(0.1)
     opt = torch.optim.AdamW([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr_scale": 0.5}], lr=1.0)
-    sched = CosineSchedule(opt, 1.0, 0.0, 4, 8)
+    sched = LRSchedule(opt, 1.0, 0.0, 4, 8)
     seen = []
     for _ in range(8):
         seen.append(opt.param_groups[0]["lr"])
@@ -55,7 +55,7 @@ def test_cosine_schedule_with_warmup():
     assert seen[:4] == [0.125, 0.25, 0.375, 0.5]  # update n uses lr(n) * lr_scale
     assert seen[-1] == pytest.approx(0.0, abs=1e-12)
     sd = sched.state_dict()
-    sched2 = CosineSchedule(opt, 1.0, 0.0, 4, 8)
+    sched2 = LRSchedule(opt, 1.0, 0.0, 4, 8)
     sched2.load_state_dict(sd)
     assert math.isclose(opt.param_groups[0]["lr"], 0.5 * cosine_lr(9, 1.0, 0.0, 4, 8))
 

@@ -28,7 +28,7 @@ from .model import (
     MeterOutput,
 )
 from .objectives import TextSpec, pretraining_loss
-from .optim import fit, linear_lr, meter_param_groups
+from .optim import meter_param_groups, train_config
 
 __all__ = [
     "PRESETS",
@@ -49,9 +49,8 @@ __all__ = [
     "TextEncoderConfig",
     "TextSpec",
     "VisionEncoderConfig",
-    "fit",
     "get_meter_config",
-    "linear_lr",
+    "train_config",
     "meter_param_groups",
     "pretraining_loss",
     "tiny_config",

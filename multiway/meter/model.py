@@ -266,6 +266,12 @@ class _Wrapper(nn.Module):
         self.meter = meter if isinstance(meter, METERModel) else METERModel(meter, **model_kwargs)
         self.config = self.meter.config
 
+    def optim_groups(self, train_cfg: object = None) -> list[dict]:
+        """METER's AdamW groups (three lr levels); the shared training loop calls this."""
+        from .optim import meter_param_groups
+
+        return meter_param_groups(self, self.config.optim)
+
 
 class METERForPretraining(_Wrapper):
     """MLM (or span corruption for encoder-decoder: through the decoder's LM head), ITM and MIM heads."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +25,11 @@ from typing import Any
 import torch
 import yaml
 
+from ..train.loop import train
 from .config import TINY_TEXT, MeterConfig, ObjectiveConfig, tiny_config
 from .model import METERForPretraining, count_parameters
 from .objectives import TextSpec, load_mim_tokenizer
-from .optim import fit
+from .optim import train_config
 from .tasks import TASK_MODELS, downstream_task, fast_caption_metrics, pretraining_task
 
 # encoder pairs of the grid: name -> (tiny vision encoder, tiny text encoder, text encoder pre-trained locally?)
@@ -226,7 +228,8 @@ def run_cell(cfg: StudyConfig, mc: MeterConfig, data: StudyData) -> dict[str, An
     row: dict[str, Any] = {"params_M": count_parameters(model.meter) / 1e6}
     pt = pretraining_task(data.splits["retrieval/train"], _collate, cfg.batch_size, spec, mc.objectives, vqkd=vqkd)
     t0 = time.perf_counter()
-    res = fit(model, pt, cfg.pretrain_steps, mc.optim, cfg.precision, seed=cfg.seed, evaluate=False)
+    runs = tempfile.TemporaryDirectory(prefix="meter_cell_")  # the loop's checkpoints/logs; the table keeps the numbers
+    res = train(model, pt, train_config(mc.optim, cfg.pretrain_steps, f"{runs.name}/pretrain", cfg.precision, cfg.seed))
     row["pretrain_s"] = time.perf_counter() - t0
     row["samples_per_s"] = res["samples_per_s"]
     row["pretrain_loss"] = res.get("loss", float("nan"))
@@ -246,7 +249,7 @@ def run_cell(cfg: StudyConfig, mc: MeterConfig, data: StudyData) -> dict[str, An
         tm = TASK_MODELS[task](meter, **kwargs)
         metrics_fn = None if cfg.java_caption_metrics else fast_caption_metrics
         t = downstream_task(task, data.splits[train_key], data.splits[eval_key], _collate, cfg.batch_size, decode, metrics_fn)
-        r = fit(tm, t, cfg.finetune_steps, mc.optim, cfg.precision, seed=cfg.seed)
+        r = train(tm, t, train_config(mc.optim, cfg.finetune_steps, f"{runs.name}/{task}", cfg.precision, cfg.seed))
         if task == "vqa":
             row["vqa_score"] = r["eval/vqa_score"]
         elif task == "nlvr2":
@@ -257,6 +260,7 @@ def run_cell(cfg: StudyConfig, mc: MeterConfig, data: StudyData) -> dict[str, An
         else:
             row["cider"], row["bleu4"] = r["eval/cider"], r["eval/bleu4"]
         row["bad_steps"] += r["bad_steps"]
+    runs.cleanup()
     return row
 
 

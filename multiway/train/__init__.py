@@ -11,10 +11,11 @@ from .loop import (
     train,
 )
 from .objectives import masked_ce, mdm_loss
-from .optim import CosineSchedule, build_param_groups, cosine_lr, param_groups
+from .optim import LRSchedule, build_param_groups, cosine_lr, linear_lr, param_groups
 
 __all__ = [
-    "CosineSchedule",
+    "LRSchedule",
+    "linear_lr",
     "MapDatasetTask",
     "NonFiniteLossError",
     "TrainConfig",

@@ -30,8 +30,9 @@ Its keys are logged as ``"eval/<key>"``; under FSDP all ranks must run it (shard
 
 What the loop does per optimizer step: ``accum_steps`` micro-batches (DDP gradient sync only on the last),
 bf16 autocast on CUDA (``precision="auto"``; ``"fp16"`` adds a GradScaler, ``"fp32"`` disables autocast),
-gradient clipping, AdamW with the parameter groups of :func:`multiway.train.optim.build_param_groups`,
-cosine lr with linear warmup. A non-finite loss or gradient norm on any rank skips the update (no change
+gradient clipping, AdamW with the parameter groups of :func:`multiway.train.optim.build_param_groups` (or the model's own
+``optim_groups(cfg)`` when it defines one, each group with an ``lr_scale``), cosine (or linear) lr with linear
+warmup. A non-finite loss or gradient norm on any rank skips the update (no change
 to weights or optimizer state), is counted, and ``max_bad_steps`` in a row stop training with
 :class:`NonFiniteLossError`.
 
@@ -65,7 +66,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import distributed as D
-from .optim import CosineSchedule, build_param_groups
+from .optim import LRSchedule, build_param_groups
 
 # Test hook: ``MULTIWAY_EXIT_AT_STEP=k`` makes the process die (os._exit, no cleanup) right after step k,
 # as a SIGKILL would. Used by the resume-exactness test.
@@ -100,6 +101,7 @@ class TrainConfig:
     seed: int = 0
     max_bad_steps: int = 10  # consecutive non-finite losses before stopping
     eval_every: int = 0
+    schedule: str = "cosine"  # or "linear" (warmup, then linear decay to min_lr)
     progress: bool = True  # tqdm bar on rank 0
     compile: bool = False  # torch.compile the model (GPU runs)
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient in a step
@@ -112,6 +114,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.accum_steps must be >= 1, got {self.accum_steps}")
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):
             raise ValueError(f"TrainConfig.precision={self.precision!r}: expected auto, bf16, fp16 or fp32")
+        if self.schedule not in ("cosine", "linear"):
+            raise ValueError(f"TrainConfig.schedule={self.schedule!r}: expected 'cosine' or 'linear'")
         if self.strategy not in ("ddp", "fsdp"):
             raise ValueError(f"TrainConfig.strategy={self.strategy!r}: expected 'ddp' or 'fsdp'")
 
@@ -402,10 +406,12 @@ class _Trainer:
         fsdp_dtype = self.amp_dtype if cfg.strategy == "fsdp" else None
         self.model = D.wrap_model(model, cfg.strategy, self.info, param_dtype=fsdp_dtype, find_unused_parameters=cfg.find_unused_parameters)
         self.fsdp = cfg.strategy == "fsdp"
-        self.groups = build_param_groups(self.raw, cfg)
+        # A model may define its own groups (METER: three lr levels); otherwise layer decay + head lr scale.
+        groups_fn = getattr(self.raw, "optim_groups", None)
+        self.groups = groups_fn(cfg) if callable(groups_fn) else build_param_groups(self.raw, cfg)
         fused = self.info.device.type == "cuda" and not self.fsdp
         self.optimizer = torch.optim.AdamW(self.groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, **({"fused": True} if fused else {}))
-        self.schedule = CosineSchedule(self.optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        self.schedule = LRSchedule(self.optimizer, cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps, cfg.schedule)
         self.scaler = torch.amp.GradScaler(self.info.device.type, enabled=self.amp_dtype == torch.float16)
         self.forward_model = torch.compile(self.model) if cfg.compile else self.model
         self.step = 0

@@ -11,7 +11,7 @@ Rules (BEiT-3 official fine-tuning, ``optim_factory.get_parameter_groups``, exte
   The lr scale of layer id ``k`` is ``layer_decay ** (L + 1 - k)``.
 * **head lr**: parameters outside the backbone (not under ``beit3.``) get ``head_lr_scale`` on top.
 
-Every group carries ``lr_scale``; :class:`CosineSchedule` sets ``group["lr"] = lr(step) * group["lr_scale"]``.
+Every group carries ``lr_scale``; :class:`LRSchedule` sets ``group["lr"] = lr(step) * group["lr_scale"]``.
 """
 
 from __future__ import annotations
@@ -119,14 +119,29 @@ def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps:
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class CosineSchedule:
-    """Sets every group's lr to ``cosine_lr(n) * group["lr_scale"]`` for the coming update ``n = step_count + 1``.
+def linear_lr(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int) -> float:
+    """Linear warmup from 0 to ``lr`` over ``warmup_steps``, then linear decay to ``min_lr`` at ``max_steps`` (METER)."""
+    if step < warmup_steps:
+        return lr * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return lr + (min_lr - lr) * progress
+
+
+SCHEDULES = {"cosine": cosine_lr, "linear": linear_lr}
+
+
+class LRSchedule:
+    """Sets every group's lr to ``shape(n) * group["lr_scale"]`` for the coming update ``n = step_count + 1``,
+    where ``shape`` is :func:`cosine_lr` or :func:`linear_lr`.
 
     So with ``warmup_steps=W`` updates 1..W use ``lr·1/W .. lr`` (no wasted zero-lr update) and update
     ``max_steps`` uses ``min_lr``. Its state is ``step_count`` (updates done).
     """
 
-    def __init__(self, optimizer, lr: float, min_lr: float, warmup_steps: int, max_steps: int):
+    def __init__(self, optimizer, lr: float, min_lr: float, warmup_steps: int, max_steps: int, shape: str = "cosine"):
+        if shape not in SCHEDULES:
+            raise ValueError(f"unknown lr schedule {shape!r}; accepted values: {sorted(SCHEDULES)}")
+        self.shape = SCHEDULES[shape]
         self.optimizer, self.lr, self.min_lr = optimizer, lr, min_lr
         self.warmup_steps, self.max_steps = warmup_steps, max_steps
         self.step_count = 0
@@ -134,7 +149,7 @@ class CosineSchedule:
 
     def current_lr(self) -> float:
         """The lr (before ``lr_scale``) of the coming update."""
-        return cosine_lr(self.step_count + 1, self.lr, self.min_lr, self.warmup_steps, self.max_steps)
+        return self.shape(self.step_count + 1, self.lr, self.min_lr, self.warmup_steps, self.max_steps)
 
     def _apply(self) -> None:
         lr = self.current_lr()
@@ -153,4 +168,4 @@ class CosineSchedule:
         self._apply()
 
 
-__all__ = ["CosineSchedule", "build_param_groups", "clean_name", "cosine_lr", "layer_id", "needs_weight_decay", "param_groups"]
+__all__ = ["LRSchedule", "build_param_groups", "clean_name", "cosine_lr", "linear_lr", "layer_id", "needs_weight_decay", "param_groups"]
