@@ -12,22 +12,10 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ..config import MultiwayConfig
-from .multiway import KVCache, MultiwayTransformer, image_to_text_mask
-
-
-def _init_linear_and_norm(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+from .multiway import KVCache, MultiwayTransformer, image_to_text_mask, init_linear_and_norm
 
 
 class BEiT3Model(nn.Module):
@@ -62,8 +50,8 @@ class BEiT3ForImageClassification(BEiT3Model):
         self.num_classes = num_classes
         self.fc_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        _init_linear_and_norm(self.fc_norm)
-        _init_linear_and_norm(self.head)
+        init_linear_and_norm(self.fc_norm)
+        init_linear_and_norm(self.head)
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(0.001)
             self.head.bias.data.mul_(0.001)
@@ -106,8 +94,8 @@ class BEiT3ForVisualQuestionAnswering(BEiT3Model):
         self.num_classes = num_classes
         self.pooler = Pooler(dim)
         self.head = nn.Sequential(nn.Linear(dim, dim * 2), nn.LayerNorm(dim * 2), nn.GELU(), nn.Linear(dim * 2, num_classes))
-        _init_linear_and_norm(self.pooler)
-        _init_linear_and_norm(self.head)
+        init_linear_and_norm(self.pooler)
+        init_linear_and_norm(self.head)
 
     def head_config(self) -> dict:
         return {"num_classes": self.num_classes}
@@ -141,7 +129,7 @@ class BEiT3ForVisualReasoning(BEiT3Model):
         dim = config.embed_dim
         self.num_classes = num_classes
         self.head = TwoLayerMLP(dim * 4, dim * 2, num_classes)
-        _init_linear_and_norm(self.head)
+        init_linear_and_norm(self.head)
         for layer in (self.head.dense1, self.head.dense2):
             layer.weight.data.mul_(0.001)
             layer.bias.data.mul_(0.001)
@@ -199,8 +187,8 @@ class BEiT3ForRetrieval(BEiT3Model):
         dim = config.embed_dim
         self.language_head = nn.Linear(dim, dim, bias=False)
         self.vision_head = nn.Linear(dim, dim, bias=False)
-        _init_linear_and_norm(self.language_head)
-        _init_linear_and_norm(self.vision_head)
+        init_linear_and_norm(self.language_head)
+        init_linear_and_norm(self.vision_head)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, image: Tensor) -> Tensor:
@@ -240,7 +228,7 @@ class BEiT3ForCaptioning(BEiT3Model):
     def __init__(self, config: MultiwayConfig):
         super().__init__(config)
         self.mlm_head = nn.Linear(config.embed_dim, config.vocab_size)
-        _init_linear_and_norm(self.mlm_head)
+        init_linear_and_norm(self.mlm_head)
 
     def forward(
         self,
@@ -283,8 +271,8 @@ class BEiT3ForTextClassification(BEiT3Model):
         self.num_classes = num_classes
         self.pooler = Pooler(config.embed_dim)
         self.head = nn.Linear(config.embed_dim, num_classes)
-        _init_linear_and_norm(self.pooler)
-        _init_linear_and_norm(self.head)
+        init_linear_and_norm(self.pooler)
+        init_linear_and_norm(self.head)
 
     def head_config(self) -> dict:
         return {"num_classes": self.num_classes}
@@ -305,8 +293,8 @@ class BEiT3ForPretraining(BEiT3Model):
         self.codebook_size = codebook_size
         self.mlm_head = nn.Linear(config.embed_dim, config.vocab_size)
         self.mim_head = nn.Linear(config.embed_dim, codebook_size)
-        _init_linear_and_norm(self.mlm_head)
-        _init_linear_and_norm(self.mim_head)
+        init_linear_and_norm(self.mlm_head)
+        init_linear_and_norm(self.mim_head)
 
     def head_config(self) -> dict:
         return {"codebook_size": self.codebook_size}

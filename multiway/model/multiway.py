@@ -255,6 +255,18 @@ class MultiwayOutput:
     hidden_states: tuple[Tensor, ...] = field(default_factory=tuple)
 
 
+def init_linear_and_norm(module: nn.Module) -> None:
+    """The official fine-tuning wrapper's init: Linear ~ trunc_normal(std 0.02, cut at ±0.02), bias 0; LayerNorm (1, 0)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 class MultiwayTransformer(nn.Module):
     """The BEiT-3 backbone: text/vision embeddings and a Multiway Transformer encoder.
 
@@ -274,15 +286,8 @@ class MultiwayTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise as the official fine-tuning wrapper does: Linear ~ trunc_normal(0.02, ±0.02), LN = (1, 0)."""
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        """Initialise as the official code does (:func:`init_linear_and_norm`; text embedding ~ N(0, D^-1/2))."""
+        init_linear_and_norm(self)
         nn.init.normal_(self.text_embed.weight, std=self.config.embed_dim**-0.5)
 
     @property
