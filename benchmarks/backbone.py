@@ -5,8 +5,9 @@
 
 For each mode (vision-only, text-only, fused) it measures forward (no grad) and forward+backward throughput
 in samples/s and the peak memory of a training step, each measurement in a fresh worker process so peaks do
-not mix. Peak memory is ``torch.cuda.max_memory_allocated`` on GPU and the growth of the process's peak RSS
-over the step on CPU (weights, which both hold, excluded). On CUDA the step runs under bf16 autocast.
+not mix. Peak memory is the growth over the step of ``torch.cuda.max_memory_allocated`` on GPU and of the
+process's peak RSS on CPU (its mark reset just before the step): activations, gradients and workspace, the
+weights both implementations hold excluded. On CUDA the step runs under bf16 autocast.
 Both implementations load the same weights (a random init saved once) and their outputs are compared.
 torchscale pins timm 0.6.13, so it lives in its own virtual environment: pass its interpreter with
 ``--torchscale-python`` (or run this script from that environment with multiway on PYTHONPATH).
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,9 +29,23 @@ import torch
 MODES = ("vision", "text", "fused")
 
 
-def _rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux >= 4.0), so a later peak belongs to the step alone."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_mb(field: str) -> float:
+    """``VmRSS`` (now) or ``VmHWM`` (peak since the last reset) of this process, MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _inputs(cfg: dict, batch: int, text_len: int, device: str, seed: int = 0):
@@ -117,9 +131,11 @@ def worker(impl: str, mode: str, cfg: dict, weights: str, batch: int, text_len: 
         step()
         peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
     else:
-        base = _rss_mb()
+        if not _reset_peak_rss():
+            raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); CPU memory needs Linux >= 4.0")
+        base = _rss_mb("VmRSS")
         step()
-        peak_mb = _rss_mb() - base
+        peak_mb = _rss_mb("VmHWM") - base
     train = timed(step)
     return {"impl": impl, "mode": mode, "fwd_samples_per_s": batch / fwd, "train_samples_per_s": batch / train, "train_peak_mb": peak_mb}
 
