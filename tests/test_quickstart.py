@@ -1,16 +1,59 @@
-"""The quickstart smoke run: every mode fine-tuned and evaluated, table and pictures written."""
+"""The quickstart smoke run: every mode fine-tuned and evaluated, table and pictures written; its settings."""
 
 import json
 
-from multiway.evaluate.quickstart import format_table, quickstart
+import pytest
+
+from multiway.evaluate.quickstart import QuickstartConfig, _first_colour, format_table, quickstart
+
+TASKS = ["imagenet", "vqav2", "nlvr2", "coco_retrieval", "coco_captioning", "text_classification"]
 
 
 def test_quickstart_fast(tmp_path):
     rows = quickstart(out_dir=str(tmp_path / "qs"), fast=True)
-    tasks = [r.task for r in rows]
-    assert tasks == ["imagenet", "vqav2", "nlvr2", "coco_retrieval", "coco_captioning", "text_classification"]
-    for name in ("results.md", "results.json", "loss_curves.png", "examples.png"):
+    assert [r.task for r in rows] == TASKS
+    for name in ("results.md", "results.json", "loss_curves.png", "examples.png", "quickstart_config.yaml"):
         assert (tmp_path / "qs" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "qs" / "results.json").read_text())
     assert len(saved["rows"]) == 6 and all(0 <= r["chance"] <= 100 for r in saved["rows"] if r["task"] != "coco_captioning")
+    assert all(r["pretrained"] is not None and r["scratch"] is not None for r in saved["rows"])
+    # per-stage timings, the pretraining held-out accuracies and the captioning baseline are recorded
+    assert {"data", "vqkd", "pretrain"} <= set(saved["timings_s"])
+    assert all(f"{t}/{i}/{part}" in saved["timings_s"] for t in TASKS for i in ("pretrained", "scratch") for part in ("train", "eval"))
+    assert {"text_acc", "text_majority", "image_acc", "image_majority"} <= set(saved["pretraining"])
+    assert "captioning_most_frequent_caption" in saved["baselines"]
+    # every run folder holds the fine-tuned model and its evaluation on the held-out split
+    for t in TASKS:
+        for init in ("pretrained", "scratch"):
+            run = tmp_path / "qs" / "runs" / f"{t}_{init}"
+            assert (run / "model.safetensors").is_file() and list(run.glob("eval_*.json"))
     assert "| task | metric |" in format_table(rows)
+    # the text task: the colour a caption names first, written for every split
+    data = tmp_path / "qs" / "data"
+    lines = (data / "text_classification.train.csv").read_text().splitlines()
+    assert lines[0] == "text,label" and len(lines) > 1
+    for line in lines[1:]:
+        text, label = line.rsplit(",", 1)
+        assert _first_colour(text.strip('"')) == label
+
+
+def test_quickstart_config_presets_and_overrides(tmp_path):
+    full, fast = QuickstartConfig.preset("full"), QuickstartConfig.preset("fast")
+    assert list(full.tasks) == TASKS == list(fast.tasks)
+    assert all(fast.tasks[t].steps < full.tasks[t].steps for t in TASKS)
+    cfg = QuickstartConfig.preset("full").update({"pretrain_steps": 7, "tasks": {"vqav2": {"steps": 9}}})
+    assert cfg.pretrain_steps == 7 and cfg.tasks["vqav2"].steps == 9 and cfg.tasks["vqav2"].lr == full.tasks["vqav2"].lr
+    assert QuickstartConfig.preset("full").tasks["vqav2"].steps == full.tasks["vqav2"].steps  # presets are not mutated
+    with pytest.raises(ValueError, match="bogus"):
+        QuickstartConfig.preset("full").update({"bogus": 1})
+    with pytest.raises(ValueError, match="vqa3"):
+        QuickstartConfig.preset("full").update({"tasks": {"vqa3": {"steps": 1}}})
+    with pytest.raises(KeyError, match="tiny"):
+        QuickstartConfig.preset("tiny")
+
+
+def test_first_colour():
+    assert _first_colour("a big yellow star colored red near the top") == "yellow"
+    assert _first_colour("two shapes on a dark background: a red circle and a blue square") == "red"
+    assert _first_colour("a big circle colored cyan near the left") == "cyan"
+    assert _first_colour("nothing here") is None

@@ -104,7 +104,7 @@ def _predict(args) -> int:
 def _quickstart(args) -> int:
     from .quickstart import quickstart
 
-    quickstart(out_dir=args.out_dir, fast=args.fast, seed=args.seed)
+    quickstart(out_dir=args.out_dir, fast=args.fast, seed=args.seed, config=args.config)
     return 0
 
 
@@ -178,6 +178,7 @@ def add_commands(subparsers) -> None:
     p.add_argument("--out-dir", dest="out_dir", default="quickstart")
     p.add_argument("--fast", action="store_true", help="a smoke version (about a minute)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", help="YAML of QuickstartConfig fields overriding the preset (tasks: {vqav2: {steps: 500}})")
     p.set_defaults(func=_quickstart)
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ class FinetuneConfig:
     num_beams: int = 3
     max_gen_len: int = 32
     length_penalty: float = 0.6
+    caption_metrics: list[str] | None = None  # captioning evaluation: just these (e.g. [CIDEr]); default all
     eval_split: str = "val"
     eval_batch_size: int | None = None
     train: dict[str, Any] = field(default_factory=dict)
@@ -183,7 +185,8 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
                             captioning_label_smoothing=cfg.label_smoothing_captioning, drop_worst_ratio=cfg.drop_worst_ratio,
                             drop_worst_after=cfg.drop_worst_after)
     eval_opts = EvalOptions(batch_size=cfg.eval_batch_size or max(1, int(cfg.batch_size * 1.5)), num_workers=cfg.num_workers,
-                            num_beams=cfg.num_beams, max_len=cfg.max_gen_len, length_penalty=cfg.length_penalty)
+                            num_beams=cfg.num_beams, max_len=cfg.max_gen_len, length_penalty=cfg.length_penalty,
+                            caption_metrics=cfg.caption_metrics)
     task: _StepCountingTask
 
     def loss_fn(m, batch):
@@ -191,13 +194,17 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
 
     task = _StepCountingTask(train_set, collate, cfg.batch_size, loss_fn, num_workers=cfg.num_workers,
                              accum_steps=tcfg.accum_steps)
+    t0 = time.perf_counter()
     train(model, task, tcfg)
+    train_s = time.perf_counter() - t0
     out = Path(cfg.out_dir)
     multiway.save_pretrained(model, out / "model.safetensors")
     write_task_json(out, cfg, spec, train_set)
     (out / "finetune_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    t0 = time.perf_counter()
     result = evaluate_model(spec, model, eval_set, eval_opts)
     (out / f"eval_{cfg.eval_split}.json").write_text(json.dumps(result, indent=2))
+    (out / "timing.json").write_text(json.dumps({"train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - t0, 2)}))
     return result
 
 

@@ -237,6 +237,7 @@ def caption_metrics(
     predictions: Mapping[object, str] | Sequence[Mapping[str, object]],
     references: Mapping[object, Sequence[str]],
     spice: bool = False,
+    only: Sequence[str] | None = None,
 ) -> dict[str, float]:
     """COCO caption metrics through pycocoevalcap.
 
@@ -245,6 +246,7 @@ def caption_metrics(
         references: ``{image_id: [reference captions]}``; every predicted image must have references
             (references of images without a prediction are ignored, as COCOEvalCap does).
         spice: also run SPICE (needs Java and downloads Stanford CoreNLP models on first use).
+        only: compute just these metrics (e.g. ``["CIDEr"]``: skips METEOR's slow Java start); default all.
 
     Returns ``{"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"[, "SPICE"]}``.
     """
@@ -272,7 +274,7 @@ def caption_metrics(
         logger.warning("java not found: METEOR/SPICE skipped and the PTB tokenizer approximated in Python")
         gts, res = _python_tokenize(gts), _python_tokenize(res)
     scorers: list[tuple[object, list[str] | str]] = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"])]
-    if have_java:
+    if have_java and (only is None or "METEOR" in only):
         from pycocoevalcap.meteor.meteor import Meteor
 
         scorers.append((Meteor(), "METEOR"))
@@ -281,6 +283,11 @@ def caption_metrics(
         from pycocoevalcap.spice.spice import Spice
 
         scorers.append((Spice(), "SPICE"))
+    if only is not None:
+        unknown = set(only) - {n for _, names in scorers for n in ([names] if isinstance(names, str) else names)} - {"METEOR", "SPICE"}
+        if unknown:
+            raise ValueError(f"unknown caption metric(s) {sorted(unknown)}")
+        scorers = [(sc, names) for sc, names in scorers if set([names] if isinstance(names, str) else names) & set(only)]
     out: dict[str, float] = {}
     for scorer, names in scorers:
         if isinstance(scorer, Bleu):

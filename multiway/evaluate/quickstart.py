@@ -7,23 +7,112 @@ captions, VQA answers and retrieval hits).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-# task -> (evaluation split, fine-tuning steps (full, fast), lr)
-_PLAN: dict[str, tuple[str, tuple[int, int], float]] = {
-    "imagenet": ("val", (150, 6), 2e-3),
-    "vqav2": ("val", (150, 6), 1e-3),
-    "nlvr2": ("test", (150, 6), 1e-3),
-    "coco_retrieval": ("test", (150, 6), 3e-4),
-    "coco_captioning": ("test", (200, 6), 1e-3),
-    "text_classification": ("test", (100, 6), 1e-3),
+# --- settings: every number the quickstart uses, in one place ------------------------------------------------
+
+
+@dataclass
+class TaskPlan:
+    """How one task is fine-tuned in the quickstart (same plan from pretrained and from scratch)."""
+
+    split: str  # held-out split the table reports
+    steps: int
+    lr: float
+    batch_size: int = 32
+    warmup_steps: int = 20
+    options: dict[str, Any] = field(default_factory=dict)  # further FinetuneConfig fields
+
+
+@dataclass
+class QuickstartConfig:
+    """All quickstart settings. ``QuickstartConfig.preset("full" | "fast")``; ``--config FILE.yaml`` overrides
+    any field (``tasks: {vqav2: {steps: 400}}`` merges into the preset's plan)."""
+
+    model: str = "beit3_tiny_patch8_32"
+    # torch intra-op threads per process; None: $OMP_NUM_THREADS, else 1. The tiny model's ops are too small to
+    # gain from a second thread, and on a busy machine 2 threads made them many times slower (VQ-KD: 2.7 s/step
+    # with 2 threads vs 0.17 s with 1, load 4 on 2 cores); the fine-tunes use the cores through ``workers``.
+    threads: int | None = None
+    workers: int = 2  # fine-tunes run side by side in this many processes
+    # built-in data (multiway.data.shapes.generate_synthetic_dataset)
+    num_images: int = 1500
+    num_pairs: int = 600
+    imagenet_per_class: int = 24
+    img_size: int = 32
+    vocab_size: int = 500
+    # VQ-KD visual tokenizer (pixels teacher), cached in the data folder
+    vqkd_steps: int = 150
+    # masked data modeling
+    pretrain_steps: int = 300
+    pretrain_batch: int = 32  # per stream (text, image, pair)
+    pretrain_lr: float = 2e-3
+    pretrain_warmup: int = 30
+    pretrain_eval_size: int = 256
+    # fine-tuning
+    max_text_len: int = 24
+    num_beams: int = 2
+    max_gen_len: int = 16
+    tasks: dict[str, TaskPlan] = field(default_factory=dict)
+    progress: bool = True
+
+    @classmethod
+    def preset(cls, name: str = "full") -> "QuickstartConfig":
+        if name not in PRESETS:
+            raise KeyError(f"unknown quickstart preset {name!r}; choose from {sorted(PRESETS)}")
+        base = copy.deepcopy(PRESETS[name])
+        return cls(**{**base, "tasks": {t: TaskPlan(**p) for t, p in base["tasks"].items()}})
+
+    def update(self, overrides: dict[str, Any]) -> "QuickstartConfig":
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = set(overrides) - names
+        if unknown:
+            raise ValueError(f"unknown quickstart field(s) {sorted(unknown)}; valid: {sorted(names)}")
+        for key, value in overrides.items():
+            if key == "tasks":
+                for task, plan in (value or {}).items():
+                    if task not in self.tasks:
+                        raise ValueError(f"unknown quickstart task {task!r}; valid: {sorted(self.tasks)}")
+                    self.tasks[task] = TaskPlan(**{**dataclasses.asdict(self.tasks[task]), **plan})
+            else:
+                setattr(self, key, value)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# The built-in tokenizer has ~100 pieces, so captions take 17 tokens (median) to 40: captioning and retrieval
+# read 40 tokens and generate up to 36; questions (<= 22) and statements (<= 19) fit in 24.
+_CAPTION_LEN = dict(max_text_len=40, max_gen_len=36)
+_FULL_TASKS: dict[str, dict[str, Any]] = {
+    "imagenet": dict(split="val", steps=250, lr=1e-3, options=dict(imagenet_auto_augment=False)),
+    "vqav2": dict(split="val", steps=300, lr=1e-3),
+    "nlvr2": dict(split="test", steps=100, lr=1e-3),  # two images per example: the slowest step
+    # a high lr collapses the dual encoder (every [CLS] embedding the same, loss = log(batch)); 3e-3 did, 5e-4 did not
+    "coco_retrieval": dict(split="test", steps=200, lr=5e-4, warmup_steps=30, options=dict(_CAPTION_LEN)),
+    "coco_captioning": dict(split="test", steps=300, lr=2e-3, options=dict(mask_prob=0.5, drop_worst_after=10**9, **_CAPTION_LEN)),
+    "text_classification": dict(split="test", steps=250, lr=2e-3),
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": dict(tasks=_FULL_TASKS),
+    # smoke version for tests: tiny data, a few steps, the same code path
+    "fast": dict(num_images=160, num_pairs=60, imagenet_per_class=4, vocab_size=200, vqkd_steps=10, pretrain_steps=6,
+                 pretrain_batch=16, pretrain_warmup=2, pretrain_eval_size=32, progress=False, workers=1,
+                 tasks={t: {**p, "steps": 4, "batch_size": 16, "warmup_steps": 1,
+                            "options": {**p.get("options", {}), **({"caption_metrics": ["CIDEr"]} if t == "coco_captioning" else {})}}
+                        for t, p in _FULL_TASKS.items()}),
 }
 
 
@@ -36,103 +125,212 @@ class Row:
     chance: float
 
 
-def _write_text_classification(data: Path) -> None:
-    """Our text task on the built-in data: caption -> number of objects in the scene (1, 2 or 3)."""
+def _first_colour(text: str) -> str | None:
+    from ..data.shapes import COLOURS
+
+    for word in text.replace(",", " ").replace(":", " ").split():
+        if word in COLOURS:
+            return word
+    return None
+
+
+def _write_text_classification(data: Path, per_image: int = 2) -> None:
+    """Our text task on the built-in data: which colour does a caption name first (8 classes)?
+
+    Every caption names a colour; the test captions describe scenes with held-out colour-shape pairs
+    ("a red triangle"), so the classifier must read the colour word in new contexts."""
     coco = json.loads((data / "dataset_coco.json").read_text())
-    counts = {}
-    for split in ("train", "val", "test"):
-        path = data / f"scenes.{split}.jsonl"
-        for line in path.read_text().splitlines():
-            s = json.loads(line)
-            counts[s["image_id"]] = len(s["objects"])
     rows: dict[str, list[str]] = {"train": [], "val": [], "test": []}
     for img in coco["images"]:
-        for sent in img["sentences"][:2]:
-            text = sent["raw"].replace('"', "'")
-            rows[img["split"]].append(f'"{text}",{counts[img["cocoid"]]}')
+        for sent in img["sentences"][:per_image]:
+            label = _first_colour(sent["raw"])
+            if label is not None:
+                rows[img["split"]].append('"{}",{}'.format(sent["raw"].replace('"', "'"), label))
     for split, lines in rows.items():
         (data / f"text_classification.{split}.csv").write_text("text,label\n" + "\n".join(lines) + "\n")
 
 
-def _pretrain(data: Path, out: Path, preset: str, steps: int, seed: int, fast: bool) -> Path:
-    """Tiny BEiT-3 pretraining on the built-in data (:func:`multiway.train.pretrain.pretrain`); returns its model file."""
+def _set_threads(threads: int | None) -> int:
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS")
+        threads = int(env) if env and env.isdigit() else 1
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()
+
+
+def _pretrain_config(cfg: QuickstartConfig, data: Path, out: Path, seed: int):
     from ..train.loop import TrainConfig
-    from ..train.pretrain import DataConfig, PretrainConfig, pretrain
+    from ..train.pretrain import DataConfig, PretrainConfig
 
-    batch = 16 if fast else 32
-    cfg = PretrainConfig(
-        model=preset, vqkd_steps=20 if fast else 150, batch={"text": batch, "image": batch, "pair": batch},
-        data=DataConfig(dir=str(data), builtin=False, num_workers=0, eval_size=64),
-        train=TrainConfig(out_dir=str(out), max_steps=steps, lr=2e-3, min_lr=1e-5, warmup_steps=max(2, steps // 10),
-                          betas=(0.9, 0.98), eps=1e-6, log_every=max(1, steps // 30), save_every=0, keep_last=1,
-                          seed=seed, progress=not fast),
+    b, steps = cfg.pretrain_batch, cfg.pretrain_steps
+    return PretrainConfig(
+        model=cfg.model, vqkd_steps=cfg.vqkd_steps, batch={"text": b, "image": b, "pair": b},
+        data=DataConfig(dir=str(data), builtin=False, num_workers=0, eval_size=cfg.pretrain_eval_size),
+        train=TrainConfig(out_dir=str(out), max_steps=steps, lr=cfg.pretrain_lr, min_lr=1e-5, warmup_steps=cfg.pretrain_warmup,
+                          betas=(0.9, 0.98), eps=1e-6, log_every=max(1, steps // 40), save_every=0, keep_last=1,
+                          seed=seed, progress=cfg.progress),
     )
-    pretrain(cfg)
-    from ..train import latest_checkpoint
-
-    return latest_checkpoint(out) / "model.safetensors"
 
 
-def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0) -> list[Row]:
-    """Run the whole demo; returns the table rows. ``fast``: a smoke version (tiny data, a few steps)."""
+def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
+               config: QuickstartConfig | str | os.PathLike | None = None) -> list[Row]:
+    """Run the whole demo; returns the table rows. ``fast``: the smoke preset (tiny data, a few steps).
+    ``config``: a :class:`QuickstartConfig`, or a YAML file of overrides on the preset."""
     from ..data.shapes import generate_synthetic_dataset
-    from .finetune import FinetuneConfig, finetune
-    from .tasks import TASKS, build_dataset, chance_level
     from ..tokenizers.text import TextTokenizer
+    from ..train import latest_checkpoint
+    from ..train.pretrain import ensure_visual_tokenizer, pretrain
+    from .tasks import TASKS, build_dataset, chance_level, constant_caption_score
 
+    if isinstance(config, QuickstartConfig):
+        cfg = config
+    else:
+        cfg = QuickstartConfig.preset("fast" if fast else "full")
+        if config is not None:
+            cfg.update(yaml.safe_load(Path(config).read_text()) or {})
     t0 = time.time()
+    threads = _set_threads(cfg.threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "quickstart_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     torch.manual_seed(seed)
     random.seed(seed)
-    preset = "beit3_tiny_patch8_32"
-    data = generate_synthetic_dataset(
-        out / "data", img_size=32, seed=seed,
-        **(dict(num_images=160, num_pairs=60, imagenet_per_class=4, vocab_size=200) if fast else dict(num_images=1500, num_pairs=600)),
-    )
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> None:
+        timings[name] = round(time.time() - since, 1)
+        print(f"[quickstart] {name}: {timings[name]:.1f} s", flush=True)
+
+    t = time.time()
+    data = generate_synthetic_dataset(out / "data", img_size=cfg.img_size, seed=seed, num_images=cfg.num_images,
+                                      num_pairs=cfg.num_pairs, imagenet_per_class=cfg.imagenet_per_class,
+                                      vocab_size=cfg.vocab_size, progress=cfg.progress)
     _write_text_classification(data)
     spm = data / "shapes.spm"
-    print("[quickstart] pretraining the tiny model (masked data modeling on text, images and pairs)", flush=True)
-    pretrained = _pretrain(data, out / "pretrain", preset, 10 if fast else 600, seed, fast)
+    lap("data", t)
+
+    pcfg = _pretrain_config(cfg, data, out / "pretrain", seed)
+    t = time.time()
+    print(f"[quickstart] visual tokenizer (VQ-KD, pixels teacher, {cfg.vqkd_steps} steps)", flush=True)
+    ensure_visual_tokenizer(pcfg)
+    lap("vqkd", t)
+    t = time.time()
+    print(f"[quickstart] pretraining {cfg.model} ({cfg.pretrain_steps} steps of masked data modeling on texts, images, pairs)", flush=True)
+    pre_metrics = pretrain(pcfg)
+    pretrained = latest_checkpoint(out / "pretrain") / "model.safetensors"
+    lap("pretrain", t)
+    pretraining = {k[len("eval/"):]: 100.0 * v for k, v in pre_metrics.items() if k.startswith("eval/")}
+    if pretraining:
+        print("[quickstart] held-out masked-token accuracy (majority baseline): "
+              + ", ".join(f"{s} {pretraining[s + '_acc']:.1f} ({pretraining[s + '_majority']:.1f})"
+                          for s in ("text", "image", "pair_text") if s + "_acc" in pretraining), flush=True)
+
+    jobs = []
+    for task, plan in cfg.tasks.items():
+        task_dir = data / "imagenet" if task == "imagenet" else data  # the class folders have their own index
+        for init_name, init in (("pretrained", pretrained), ("scratch", None)):
+            fields = dict(task=task, data_dir=str(task_dir), out_dir=str(out / "runs" / f"{task}_{init_name}"), model=cfg.model,
+                          init=str(init) if init else None, tokenizer=str(spm), batch_size=plan.batch_size,
+                          max_text_len=cfg.max_text_len, eval_split=plan.split, num_beams=cfg.num_beams, max_gen_len=cfg.max_gen_len)
+            fields.update(plan.options)
+            fields["train"] = dict(max_steps=plan.steps, lr=plan.lr, warmup_steps=plan.warmup_steps, weight_decay=0.01,
+                                   log_every=max(1, plan.steps // 30), save_every=0, keep_last=1, seed=seed)
+            jobs.append((task, init_name, fields))
+    t = time.time()
+    results = _run_finetunes(jobs, cfg, threads)
+    lap("finetune+eval (all)", t)
 
     rows: list[Row] = []
     runs: dict[str, dict[str, Path]] = {}
+    extra: dict[str, float] = {}
     tok = TextTokenizer(spm)
-    for task, (split, steps, lr) in _PLAN.items():
+    for task, plan in cfg.tasks.items():
         spec = TASKS[task]
-        task_dir = data / "imagenet" if task == "imagenet" else data  # the class folders have their own index
+        task_dir = data / "imagenet" if task == "imagenet" else data
         scores: dict[str, float] = {}
-        for init_name, init in (("pretrained", pretrained), ("scratch", None)):
-            if init_name == "pretrained" and init is None:
-                continue
-            run = out / "runs" / f"{task}_{init_name}"
-            cfg = FinetuneConfig(
-                task=task, data_dir=str(task_dir), out_dir=str(run), model=preset, init=str(init) if init else None,
-                tokenizer=str(spm), batch_size=16 if fast else 32, max_text_len=24, eval_split=split, num_beams=2,
-                max_gen_len=16, mask_prob=0.5, drop_worst_after=10**9,
-                train=dict(max_steps=steps[1] if fast else steps[0], lr=lr, warmup_steps=2 if fast else 15, weight_decay=0.01,
-                           log_every=2 if fast else 10, save_every=0, keep_last=1, seed=seed, progress=not fast),
-            )
-            print(f"[quickstart] {task} from {init_name}: fine-tuning {cfg.train['max_steps']} steps", flush=True)
-            result = finetune(cfg, progress=not fast)
+        for init_name in ("pretrained", "scratch"):
+            result, timing = results[(task, init_name)]
+            timings[f"{task}/{init_name}/train"], timings[f"{task}/{init_name}/eval"] = timing["train_s"], timing["eval_s"]
             scores[init_name] = result[spec.metric]
-            runs.setdefault(task, {})[init_name] = run
-        train_set = build_dataset(spec, task_dir, "train", tokenizer=tok, max_len=24, img_size=32)
-        kwargs = {"label_names": train_set.label_names} if task == "text_classification" else {}
-        test_set = build_dataset(spec, task_dir, split, tokenizer=tok, max_len=24, img_size=32, **kwargs)
+            runs.setdefault(task, {})[init_name] = out / "runs" / f"{task}_{init_name}"
+        kwargs: dict[str, Any] = dict(tokenizer=tok, max_len=cfg.max_text_len, img_size=cfg.img_size)
+        train_set = build_dataset(spec, task_dir, "train", **kwargs)
+        if task == "text_classification":
+            kwargs["label_names"] = train_set.label_names
+        test_set = build_dataset(spec, task_dir, plan.split, **kwargs)
         num_classes = len(train_set.label_names) if task == "text_classification" else None
         chance = chance_level(spec, train_set, test_set, num_classes)
+        if spec.head == "captioning":
+            extra["captioning_most_frequent_caption"] = constant_caption_score(spec, train_set, test_set)
         rows.append(Row(task, spec.metric_label, scores.get("pretrained"), scores["scratch"], chance))
 
-    table = format_table(rows)
-    print(table)
-    minutes = (time.time() - t0) / 60
-    print(f"[quickstart] done in {minutes:.1f} min; outputs in {out}")
-    (out / "results.md").write_text(table + f"\n\nwall time: {minutes:.1f} min\n")
-    (out / "results.json").write_text(json.dumps({"rows": [r.__dict__ for r in rows], "minutes": minutes}, indent=2))
+    t = time.time()
     plot_loss_curves(runs, out / "loss_curves.png")
-    plot_examples(runs, data, tok, out / "examples.png")
+    cap_plan = cfg.tasks["coco_captioning"].options
+    plot_examples(runs, data, tok, out / "examples.png", num_beams=cap_plan.get("num_beams", cfg.num_beams),
+                  max_len=cap_plan.get("max_gen_len", cfg.max_gen_len))
+    lap("plots", t)
+    minutes = (time.time() - t0) / 60
+    table = format_table(rows)
+    notes = _notes(extra, pretraining, minutes, threads, load)
+    print(table + "\n\n" + notes)
+    print(f"[quickstart] done in {minutes:.1f} min; outputs in {out}")
+    (out / "results.md").write_text(table + "\n\n" + notes + "\n")
+    (out / "results.json").write_text(json.dumps({
+        "rows": [r.__dict__ for r in rows], "minutes": minutes, "threads": threads, "load_at_start": load,
+        "timings_s": timings, "pretraining": pretraining, "baselines": extra, "config": cfg.to_dict()}, indent=2))
     return rows
+
+
+def _finetune_job(task: str, init_name: str, fields: dict[str, Any], threads: int, progress: bool):
+    """One fine-tune + evaluation (runs in a worker process when ``workers`` > 1)."""
+    from .finetune import FinetuneConfig, finetune
+    from .tasks import TASKS
+
+    torch.set_num_threads(threads)
+    fields = dict(fields)
+    fields["train"] = {**fields["train"], "progress": progress}
+    print(f"[quickstart] {task} from {init_name}: fine-tuning {fields['train']['max_steps']} steps", flush=True)
+    result = finetune(FinetuneConfig(**fields), progress=progress)
+    timing = json.loads((Path(fields["out_dir"]) / "timing.json").read_text())
+    metric = TASKS[task].metric
+    print(f"[quickstart] {task} from {init_name}: {metric} {result[metric]:.1f} "
+          f"(train {timing['train_s']:.0f} s, eval {timing['eval_s']:.0f} s)", flush=True)
+    return result, timing
+
+
+def _run_finetunes(jobs: list[tuple[str, str, dict[str, Any]]], cfg: QuickstartConfig, threads: int):
+    """All fine-tunes; with ``cfg.workers`` > 1 in that many processes side by side (``threads`` each), longest
+    jobs first."""
+    workers = min(cfg.workers, len(jobs))
+    if workers <= 1:
+        return {(t, i): _finetune_job(t, i, f, threads, cfg.progress) for t, i, f in jobs}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    cost = lambda job: job[2]["train"]["max_steps"] * _STEP_COST.get(job[0], 1.0)  # noqa: E731
+    ordered = sorted(jobs, key=cost, reverse=True)
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {(t, i): pool.submit(_finetune_job, t, i, f, threads, False) for t, i, f in ordered}
+        return {key: fut.result() for key, fut in futures.items()}
+
+
+# relative seconds per step (measured on CPU), to start the longest fine-tunes first
+_STEP_COST = {"imagenet": 0.3, "vqav2": 0.45, "nlvr2": 0.75, "coco_retrieval": 1.0, "coco_captioning": 1.4, "text_classification": 0.25}
+
+
+def _notes(extra: dict[str, float], pretraining: dict[str, float], minutes: float, threads: int, load: float) -> str:
+    lines = []
+    if "captioning_most_frequent_caption" in extra:
+        lines.append(f"- captioning chance: CIDEr of a random training caption per test image; the most frequent training "
+                     f"caption given to every image scores {extra['captioning_most_frequent_caption']:.1f}")
+    if pretraining:
+        lines.append("- pretraining, held-out masked-token accuracy (majority-class baseline): " + ", ".join(
+            f"{s} {pretraining[s + '_acc']:.1f} ({pretraining[s + '_majority']:.1f})"
+            for s in ("text", "image", "pair_text") if s + "_acc" in pretraining))
+    lines.append(f"- wall time {minutes:.1f} min, {threads} thread(s), load average {load:.1f} at the start")
+    return "\n".join(lines)
 
 
 def format_table(rows: list[Row]) -> str:
@@ -164,7 +362,8 @@ def plot_loss_curves(runs: dict[str, dict[str, Path]], path: Path) -> None:
 
 
 @torch.no_grad()
-def plot_examples(runs: dict[str, dict[str, Path]], data: Path, tok, path: Path, n: int = 6) -> None:
+def plot_examples(runs: dict[str, dict[str, Path]], data: Path, tok, path: Path, n: int = 6, num_beams: int = 2,
+                  max_len: int = 16) -> None:
     """A grid of test images with the generated caption, a VQA answer and the top retrieval hit."""
     import matplotlib
 
@@ -177,7 +376,7 @@ def plot_examples(runs: dict[str, dict[str, Path]], data: Path, tok, path: Path,
     best = lambda task: runs[task].get("pretrained", runs[task]["scratch"])  # noqa: E731
     scenes = [json.loads(line) for line in (data / "scenes.test.jsonl").read_text().splitlines()][:n]
     paths = [data / s["image_path"] for s in scenes]
-    cap = P.caption(P.load_predictor(best("coco_captioning"), device="cpu"), paths, num_beams=2, max_len=16).rows
+    cap = P.caption(P.load_predictor(best("coco_captioning"), device="cpu"), paths, num_beams=num_beams, max_len=max_len).rows
     vqa_q = "how many shapes are there?"
     vqa = P.answer(P.load_predictor(best("vqav2"), device="cpu"), paths, vqa_q, topk=1).rows
     ret = P.load_predictor(best("coco_retrieval"), device="cpu")
@@ -195,4 +394,4 @@ def plot_examples(runs: dict[str, dict[str, Path]], data: Path, tok, path: Path,
     plt.close(fig)
 
 
-__all__ = ["Row", "format_table", "quickstart"]
+__all__ = ["PRESETS", "QuickstartConfig", "Row", "TaskPlan", "format_table", "quickstart"]

@@ -305,6 +305,7 @@ class EvalOptions:
     length_penalty: float = 0.6
     submission_path: str | None = None  # VQA test(-dev): write the submission json here
     predictions_path: str | None = None  # captioning: write [{image_id, caption}] here
+    caption_metrics: Sequence[str] | None = None  # captioning: just these (e.g. ["CIDEr"]); default all
 
 
 @torch.no_grad()
@@ -373,21 +374,33 @@ def evaluate_model(spec: TaskSpec, model: nn.Module, dataset: Dataset, opts: Eva
                 Path(opts.predictions_path).parent.mkdir(parents=True, exist_ok=True)
                 Path(opts.predictions_path).write_text(json.dumps(preds))
             refs = caption_references(spec, dataset.data_dir, dataset.split, dataset.items, dataset.tokenizer)
-            return caption_scores(preds, refs)
+            return caption_scores(preds, refs, only=opts.caption_metrics)
         raise KeyError(f"no evaluation for head {head!r}")
     finally:
         model.train(was_training)
 
 
-def caption_scores(preds: list[dict], refs: dict) -> dict[str, float]:
+def caption_scores(preds: list[dict], refs: dict, only: Sequence[str] | None = None) -> dict[str, float]:
     """pycocoevalcap metrics with CIDEr etc. scaled to percent-like numbers (CIDEr ×100 as papers report)."""
-    scores = metrics.caption_metrics(preds, refs)
+    scores = metrics.caption_metrics(preds, refs, only=only)
     return {k: 100.0 * v for k, v in scores.items()}
+
+
+def _train_captions(train: Dataset) -> list[str]:
+    return [i["text_segment"] if isinstance(i["text_segment"], str) else train.tokenizer.decode(i["text_segment"])
+            for i in train.items if i.get("text_segment") is not None]
+
+
+def constant_caption_score(spec: TaskSpec, train: Dataset, test: Dataset) -> float:
+    """Captioning: the headline metric when every test image gets the most frequent training caption."""
+    constant = Counter(_train_captions(train)).most_common(1)[0][0]
+    refs = caption_references(spec, test.data_dir, test.split, test.items, test.tokenizer)
+    return caption_scores([{"image_id": iid, "caption": constant} for iid in refs], refs, only=[spec.metric])[spec.metric]
 
 
 def chance_level(spec: TaskSpec, train: Dataset, test: Dataset, num_classes: int | None = None) -> float:
     """The headline metric of a trivial predictor on ``test``: uniform guessing for classification and retrieval
-    (expected value), the most frequent training caption for captioning."""
+    (expected value), a random training caption per image for captioning."""
     head = spec.head
     if head in ("imageclassification", "textclassification"):
         n = num_classes or len({int(i["label"]) if head == "imageclassification" else str(i["label"]) for i in train.items})
@@ -406,14 +419,13 @@ def chance_level(spec: TaskSpec, train: Dataset, test: Dataset, num_classes: int
         tr = 100.0 * sum(c / num_texts for c in per_image.values()) / num_images  # ~ P(a random text is one of its own)
         return (ir + tr) / 2
     if head == "captioning":
-        texts = Counter(
-            (i["text_segment"] if isinstance(i["text_segment"], str) else train.tokenizer.decode(i["text_segment"]))
-            for i in train.items if i.get("text_segment") is not None
-        )
-        constant = texts.most_common(1)[0][0]
+        # a random training caption for each test image (one seeded draw): what an image-blind sampler of
+        # in-domain captions scores; constant_caption_score() is the most-frequent-caption baseline
+        texts = _train_captions(train)
         refs = caption_references(spec, test.data_dir, test.split, test.items, test.tokenizer)
-        preds = [{"image_id": iid, "caption": constant} for iid in refs]
-        return caption_scores(preds, refs)[spec.metric]
+        rng = random.Random(0)
+        preds = [{"image_id": iid, "caption": rng.choice(texts)} for iid in refs]
+        return caption_scores(preds, refs, only=[spec.metric])[spec.metric]
     raise KeyError(head)
 
 
@@ -427,6 +439,7 @@ __all__ = [
     "caption_references",
     "chance_level",
     "collate",
+    "constant_caption_score",
     "encode_text",
     "evaluate_model",
     "get_task",
