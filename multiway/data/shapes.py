@@ -452,8 +452,10 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 200
     extra += [f"the {p} of the image" for p in SAME_TYPE_ANSWERS["position"]]
     corpus_lines = corpus + extra
     (out / "corpus.txt").write_text("\n".join(corpus_lines) + "\n")
+    # Whole-word pieces: the grammar has a small closed vocabulary, and subword fragments ("p ur p le") made
+    # captions 2-3x longer and much harder to generate at tiny scale.
     spm_path = train_text_tokenizer([out / "corpus.txt"], out / "shapes", vocab_size=vocab_size, seed=seed,
-                                    hard_vocab_limit=False)
+                                    hard_vocab_limit=False, model_type="word")
     os.replace(spm_path, out / "shapes.spm")
     vocab_file = spm_path.with_suffix(".vocab")
     if vocab_file.exists():

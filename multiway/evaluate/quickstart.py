@@ -93,9 +93,8 @@ class QuickstartConfig:
         return dataclasses.asdict(self)
 
 
-# The built-in tokenizer has ~100 pieces, so captions take 17 tokens (median) to 40: captioning and retrieval
-# read 40 tokens and generate up to 36; questions (<= 22) and statements (<= 19) fit in 24.
-_CAPTION_LEN = dict(max_text_len=40, max_gen_len=36)
+# The built-in tokenizer has whole-word pieces: captions, questions and statements fit in 24 tokens.
+_CAPTION_LEN = dict(max_text_len=24, max_gen_len=20)
 _FULL_TASKS: dict[str, dict[str, Any]] = {
     "imagenet": dict(split="val", steps=500, lr=2e-3, options=dict(imagenet_auto_augment=False)),
     "vqav2": dict(split="val", steps=700, lr=2e-3),
