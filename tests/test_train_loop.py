@@ -82,14 +82,16 @@ def test_two_ranks_ddp_match_one_rank_double_batch(baseline, tmp_path):
     assert_same_losses(baseline, read_metrics(tmp_path))
 
 
-def test_fsdp_two_ranks_interrupted_and_resumed_matches(baseline, tmp_path):
-    """FSDP2 over 2 gloo ranks, interrupted in the middle of step 6 (last checkpoint at 4, sharded with
-    torch.distributed.checkpoint), then restarted on a freshly initialised model in the same processes:
-    the loss sequence equals 1 rank x double batch, uninterrupted."""
-    args = {**COMMON, "out_dir": str(tmp_path), "batch_size": 4, "strategy": "fsdp", "interrupt_at": 6}
-    proc = run_worker(args, nproc=2)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resumed from" in proc.stdout and "step_00000004" in proc.stdout
+def test_fsdp_two_ranks_killed_and_resumed_matches(baseline, tmp_path):
+    """FSDP2 over 2 gloo ranks, both processes killed (os._exit, no cleanup) after step 5 (last checkpoint at 4,
+    sharded with torch.distributed.checkpoint), then a new torchrun resumes: the loss sequence equals
+    1 rank x double batch, uninterrupted."""
+    args = {**COMMON, "out_dir": str(tmp_path), "batch_size": 4, "strategy": "fsdp"}
+    killed = run_worker(args, nproc=2, exit_at=5)
+    assert killed.returncode != 0, "the run was not killed"
+    resumed = run_worker(args, nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "step_00000004" in resumed.stdout
     assert (tmp_path / "checkpoints/step_00000004/sharded/.metadata").is_file()
     assert_same_losses(baseline, read_metrics(tmp_path))
 

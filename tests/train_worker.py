@@ -56,7 +56,6 @@ def main() -> None:
     batch_size = args.pop("batch_size", 4)
     nan_at = set(args.pop("nan_at", []))
     drop_path = args.pop("drop_path", 0.0)
-    interrupt_at = args.pop("interrupt_at", None)
     torch.manual_seed(0)
     model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=CODEBOOK, drop_path_rate=drop_path)
 
@@ -68,40 +67,7 @@ def main() -> None:
 
     task = MapDatasetTask(SyntheticMDM(), collate, batch_size, loss_fn)
     cfg = TrainConfig(**{"log_every": 1, "save_every": 1000, "progress": False, "lr": 1e-3, "warmup_steps": 2, **args})
-    if interrupt_at is None:
-        train(model, task, cfg)
-        return
-    # Interrupt in the middle of step `interrupt_at` (its first micro-batch is fetched, then the data dies),
-    # then start over in the same process with a fresh model: it must resume from the last checkpoint.
-    try:
-        train(model, Interrupted(task, (interrupt_at - 1) * cfg.accum_steps + 1), cfg)
-    except Interruption:
-        pass
-    else:
-        raise SystemExit("the run was not interrupted")
-    torch.manual_seed(123)  # a different init: everything must come from the checkpoint
-    fresh = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=CODEBOOK, drop_path_rate=drop_path)
-    train(fresh, task, cfg)
-
-
-class Interruption(Exception):
-    pass
-
-
-class Interrupted:
-    """Wraps a task so its data stream raises after ``after`` micro-batches (counted from 0)."""
-
-    def __init__(self, task, after: int):
-        self.task, self.after = task, after
-
-    def train_batches(self, rank, world_size, seed, start_step):
-        for i, batch in enumerate(self.task.train_batches(rank, world_size, seed, start_step), start=start_step):
-            if i >= self.after:
-                raise Interruption
-            yield batch
-
-    def loss(self, model, batch):
-        return self.task.loss(model, batch)
+    train(model, task, cfg)
 
 
 if __name__ == "__main__":
