@@ -81,10 +81,7 @@ class MultiwayConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MultiwayConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown config field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
+        check_fields(cls, d, "config")
         return cls(**{k: _coerce(k, v, type(getattr(cls, k))) for k, v in d.items()})
 
     def to_json(self) -> str:
@@ -107,6 +104,14 @@ class MultiwayConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def check_fields(cls: type, d: dict[str, Any], what: str | None = None) -> None:
+    """Raise ``ValueError`` naming the keys of ``d`` that are not fields of the dataclass ``cls``, with the valid ones."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {what or cls.__name__} field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ..config import check_fields
 
 VISION_KINDS = ("timm", "multiway")
 TEXT_KINDS = ("hf", "embedding")
@@ -183,10 +184,7 @@ class MeterConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MeterConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown METER config field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
+        check_fields(cls, d, "METER config")
         return cls(**d)
 
     def replace(self, **overrides: Any) -> "MeterConfig":

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from ..config import check_fields
 
 # ----------------------------------------------------------------------------------------------------------------
 # config and presets
@@ -70,10 +71,7 @@ class VQKDConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VQKDConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown VQKDConfig field(s) {sorted(unknown)}")
+        check_fields(cls, d)
         return cls(**d)
 
 

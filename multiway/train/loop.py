@@ -65,6 +65,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import check_fields
 from . import distributed as D
 from .optim import LRSchedule, build_param_groups
 
@@ -126,10 +127,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
+        check_fields(cls, d)
         return cls(**d)
 
 
