@@ -35,6 +35,15 @@ def golden_meta(name: str) -> dict:
         return json.loads(f.metadata()["meta"])
 
 
+@pytest.fixture
+def one_thread():
+    """Run a test on one intra-op thread (tiny models: a second thread only adds overhead)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -14,12 +14,8 @@ from multiway.meter.encoders import TextEncoder, VisionEncoder
 from multiway.meter.model import METERForCaptioning, METERForNLVR2, METERForRetrieval, METERForVQA, METERModel
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny METER models run fastest on one intra-op thread (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(B=2, T=10, V=900):
