@@ -46,6 +46,11 @@ class MultiwayConfig:
     shared_attention: bool = False
     vl_expert_layers: int = 0
     grad_checkpointing: bool = False
+    # Std of the position tables at init (only matters when training from scratch). The official code leaves them
+    # at nn.Embedding's N(0, 1), which at small widths drowns the token and patch embeddings (std ~D^-1/2 and
+    # ~0.04): a from-scratch tiny model then sees mostly positions and its [CLS] barely depends on the input.
+    # 0.02 is the ViT/BEiT choice; None keeps the official N(0, 1).
+    position_init_std: float | None = 0.02
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -82,7 +87,8 @@ class MultiwayConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MultiwayConfig":
         check_fields(cls, d, "config")
-        return cls(**{k: _coerce(k, v, type(getattr(cls, k))) for k, v in d.items()})
+        optional = {f.name for f in dataclasses.fields(cls) if "None" in str(f.type)}
+        return cls(**{k: v if v is None and k in optional else _coerce(k, v, type(getattr(cls, k))) for k, v in d.items()})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -244,3 +244,21 @@ def test_wrong_image_size_and_too_long_text_fail_clearly():
         model.encode_image(torch.randn(1, 3, 48, 48))
     with pytest.raises(ValueError, match="position table"):
         model.encode_text(torch.zeros(1, 63, dtype=torch.long))
+
+
+def test_position_tables_start_small_unless_official_init_is_asked_for():
+    # The official N(0, 1) position init drowns the token/patch embeddings of a from-scratch model; ours is 0.02.
+    torch.manual_seed(0)
+    model = MultiwayTransformer(multiway.get_config("beit3_tiny_patch8_32"))
+    for table in model.encoder.embed_positions.values():
+        assert 0.015 < table.weight.std().item() < 0.025
+    image = torch.randn(4, 3, 32, 32)
+    cls = model.encode_image(image)[:, 0]
+    assert cls.std(0).mean() > 0.3  # the [CLS] output depends on the input
+    official = MultiwayTransformer(multiway.get_config("beit3_tiny_patch8_32", position_init_std=None))
+    for table in official.encoder.embed_positions.values():
+        assert 0.9 < table.weight.std().item() < 1.1
+    cfg = MultiwayConfig.from_dict({**multiway.get_config("beit3_tiny_patch8_32").to_dict(), "position_init_std": None})
+    assert cfg.position_init_std is None
+    with pytest.raises(ValueError, match="depth"):
+        MultiwayConfig.from_dict({"depth": None})

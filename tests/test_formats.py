@@ -265,3 +265,29 @@ def test_cli_builds_indexes_and_trains_a_tokenizer(tmp_path):
     assert main(["data", "index", "nlvr2", str(tmp_path), "--nlvr-dir", str(FIX / "raw" / "nlvr"),
                  "--tokenizer", str(tmp_path / "t.model")]) == 0
     assert len(_read(tmp_path / "nlvr2.train.index.jsonl")) == 2
+
+
+def test_training_crop_and_flip_can_be_turned_off(tmp_path):
+    # Texts that say "left"/"right" or name a shape a few pixels wide need training views without flips or crops.
+    from PIL import Image
+
+    from multiway.data.transforms import build_transform
+    from multiway.evaluate.tasks import build_dataset, get_task
+
+    arr = np.zeros((16, 16, 3), dtype=np.uint8)
+    arr[:, :4] = 255  # white stripe on the left
+    img = Image.fromarray(arr)
+    plain = build_transform("coco_retrieval", is_train=True, img_size=16, crop_scale=(1.0, 1.0), hflip=False)
+    assert not any("Flip" in type(t).__name__ for t in plain.transforms)
+    evaluated = build_transform("coco_retrieval", is_train=False, img_size=16)(img)
+    torch.manual_seed(0)
+    assert all(torch.allclose(plain(img), evaluated, atol=1e-5) for _ in range(20))
+    flipping = build_transform("coco_retrieval", is_train=True, img_size=16, crop_scale=(1.0, 1.0))
+    torch.manual_seed(0)
+    assert any(flipping(img)[0, :, -1].mean() > 0.9 for _ in range(20))  # the stripe moved to the right
+
+    img.save(tmp_path / "a.png")
+    (tmp_path / "coco_retrieval.train.jsonl").write_text(json.dumps({"image_path": "a.png", "text_segment": [5, 6], "image_id": 0}) + "\n")
+    spec = get_task("coco_retrieval")
+    item = build_dataset(spec, tmp_path, "train", img_size=16, crop_scale=(1.0, 1.0), hflip=False)[0]
+    assert torch.allclose(item["image"], evaluated, atol=1e-5)

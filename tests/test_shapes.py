@@ -7,7 +7,7 @@ import pytest
 
 from multiway.data.formats import collate_batch, create_dataset
 from multiway.data.shapes import (COLOURS, HELD_OUT, SHAPES, Obj, Scene, captions, generate_synthetic_dataset,
-                                  render_scene, sample_scene)
+                                  render_scene, sample_scene, statement_pair)
 from multiway.tokenizers.text import TextTokenizer
 
 SMALL = dict(num_images=40, img_size=32, num_pairs=20, imagenet_per_class=2, vocab_size=200, shard_size=16,
@@ -112,3 +112,21 @@ def test_every_reader_runs_on_the_synthetic_data(synth):
     assert len(labels) == len(COLOURS) * len(SHAPES)
     nlvr = _read(synth / "nlvr2.train.index.jsonl")
     assert 0.3 < np.mean([x["label"] for x in nlvr]) < 0.7
+
+
+def test_nlvr2_statements_do_not_give_away_their_label():
+    # Each kind of statement must be true about half the time, or a text-only model solves the task.
+    rng = random.Random(0)
+    by_kind: dict[str, list[bool]] = {}
+    for i in range(600):
+        want = i % 2 == 0
+        left, right, text = statement_pair(rng, want, "train")
+        by_kind.setdefault(" ".join(text.split()[:3]), []).append(want)
+        if text.startswith("the left image contains a "):
+            colour, shape = text.split()[-2:]
+            assert any(o.colour == colour and o.shape == shape for o in left.objects) == want
+        if text == "there are more shapes in the left image than in the right image":
+            assert (len(left.objects) > len(right.objects)) == want
+    assert len(by_kind) == 5
+    for kind, labels in by_kind.items():
+        assert 0.3 < sum(labels) / len(labels) < 0.7, kind

@@ -49,7 +49,7 @@ HELD_OUT = {("red", "triangle"), ("blue", "circle"), ("green", "star"), ("yellow
             ("purple", "hexagon"), ("orange", "diamond")}
 H_WORDS, V_WORDS = ("left", "center", "right"), ("top", "middle", "bottom")
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -278,30 +278,34 @@ def annotator_answers(answer: str, qtype: str, rng: random.Random, noise: float 
     return out
 
 
-def statement(left: Scene, right: Scene, rng: random.Random, want: bool, split: str) -> str | None:
-    """An NLVR2-style statement about an image pair whose truth value is ``want`` (None if none was found)."""
-    for _ in range(30):
+def statement_pair(rng: random.Random, want: bool, split: str) -> tuple[Scene, Scene, str] | None:
+    """An NLVR2-style example: (left scene, right scene, statement) whose truth value is ``want``.
+
+    The statement is drawn first and the scene pair is then resampled until the statement has the wanted truth,
+    so every kind of statement is true half of the time and the text alone does not predict the label."""
+    for _ in range(20):
         kind = rng.randrange(5)
-        c, s = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        c, s, k = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(0, 3)
         if not _allowed(c, s, split):
             continue
         has = lambda sc: any(o.colour == c and o.shape == s for o in sc.objects)  # noqa: E731
         if kind == 0:
-            text, truth = f"the left image contains a {c} {s}", has(left)
+            text, truth = f"the left image contains a {c} {s}", lambda l, r: has(l)
         elif kind == 1:
-            text, truth = f"both images contain a {s}", all(any(o.shape == s for o in sc.objects) for sc in (left, right))
+            text, truth = f"both images contain a {s}", lambda l, r: all(any(o.shape == s for o in sc.objects) for sc in (l, r))
         elif kind == 2:
             text, truth = "there are more shapes in the left image than in the right image", \
-                len(left.objects) > len(right.objects)
+                lambda l, r: len(l.objects) > len(r.objects)
         elif kind == 3:
-            total = sum(o.shape == s for sc in (left, right) for o in sc.objects)
-            k = rng.randint(0, 3)
-            text, truth = f"there are exactly {NUMBER_WORDS[k]} {_plural(s, k)} in total", total == k
+            text = f"there are exactly {NUMBER_WORDS[k]} {_plural(s, k)} in total"
+            truth = lambda l, r: sum(o.shape == s for sc in (l, r) for o in sc.objects) == k  # noqa: E731
         else:
-            text, truth = f"exactly one image has a {c} shape", \
-                sum(any(o.colour == c for o in sc.objects) for sc in (left, right)) == 1
-        if truth == want:
-            return text
+            text = f"exactly one image has a {c} shape"
+            truth = lambda l, r: sum(any(o.colour == c for o in sc.objects) for sc in (l, r)) == 1  # noqa: E731
+        for _ in range(100):
+            left, right = sample_scene(rng, split), sample_scene(rng, split)
+            if truth(left, right) == want:
+                return left, right, text
     return None
 
 
@@ -416,11 +420,10 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 200
         lines = []
         for i in range(n):
             want = i % 2 == 0
-            for _ in range(20):
-                left, right = sample_scene(rng, split), sample_scene(rng, split)
-                text = statement(left, right, rng, want, split)
-                if text is not None:
-                    break
+            example = statement_pair(rng, want, split)
+            if example is None:
+                raise RuntimeError(f"no NLVR2 scene pair found for a {want} statement in {split}")
+            left, right, text = example
             directory = i % 10
             ident = f"{raw}-{i}-0-0"
             folder = out / (f"images/train/{directory}" if raw == "train" else raw)

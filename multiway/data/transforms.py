@@ -31,20 +31,21 @@ def _randaugment() -> v2.Transform:
 
 
 def build_transform(task: str, is_train: bool, img_size: int = 224, randaug: bool = False,
-                    crop_pct: float = 1.0) -> Callable:
+                    crop_pct: float = 1.0, crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True) -> Callable:
     """Official BEiT-3 transform of ``task`` (PIL -> (3, S, S) float tensor).
 
-    Vision-language tasks (mean = std = 0.5): train = RandomResizedCrop(scale=(0.5, 1), bicubic) + horizontal
-    flip (even for VQA/NLVR2, as the official code) + optional RandAugment; eval = Resize((S, S), bicubic).
-    ``imagenet``: see :func:`build_imagenet_transform`.
+    Vision-language tasks (mean = std = 0.5): train = RandomResizedCrop(scale=``crop_scale``, bicubic) + horizontal
+    flip (even for VQA/NLVR2, as the official code; ``hflip=False`` drops it, e.g. for captions that say left or
+    right) + optional RandAugment; eval = Resize((S, S), bicubic). ``imagenet``: see :func:`build_imagenet_transform`.
     """
     if task == "imagenet":
         return build_imagenet_transform(is_train, img_size, crop_pct)
     if task not in VL_TASKS and task:
         raise ValueError(f"unknown task {task!r}; known: imagenet, {', '.join(VL_TASKS)}")
     if is_train:
-        ops = [v2.ToImage(), v2.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=BICUBIC, antialias=True),
-               v2.RandomHorizontalFlip()]
+        ops = [v2.ToImage(), v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=BICUBIC, antialias=True)]
+        if hflip:
+            ops.append(v2.RandomHorizontalFlip())
         if randaug:
             ops.append(_randaugment())
     else:

@@ -49,6 +49,8 @@ class FinetuneConfig:
     num_workers: int = 0
     randaug: bool = False
     imagenet_auto_augment: bool = True  # False: ImageNet training without timm's RandAugment/random erasing
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # training RandomResizedCrop area range (VL tasks; ImageNet without auto-augment)
+    hflip: bool = True  # training horizontal flips (off when texts say left/right)
     mixup: float = 0.0
     cutmix: float = 0.0
     label_smoothing: float = 0.0
@@ -157,7 +159,7 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
     if spec.head == "captioning":
         data_kwargs["mask_prob"] = cfg.mask_prob
     train_set = build_dataset(spec, cfg.data_dir, "train", randaug=cfg.randaug, imagenet_auto_augment=cfg.imagenet_auto_augment,
-                              **data_kwargs)
+                              crop_scale=cfg.crop_scale, hflip=cfg.hflip, **data_kwargs)
     num_classes = _num_classes(spec, cfg, train_set)
     if model is None:
         model = build_task_model(spec, cfg, num_classes)

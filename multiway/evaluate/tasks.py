@@ -210,18 +210,19 @@ def build_dataset(spec: TaskSpec, data_dir: str | os.PathLike, split: str, token
     from ..data.formats import create_dataset
 
     kwargs.pop("label_names", None)
-    if spec.name == "imagenet" and not kwargs.pop("imagenet_auto_augment", True) and split == "train":
-        from torchvision.transforms import v2
+    crop_scale, hflip = tuple(kwargs.pop("crop_scale", (0.5, 1.0))), kwargs.pop("hflip", True)
+    auto_augment, randaug = kwargs.pop("imagenet_auto_augment", True), kwargs.pop("randaug", False)
+    if split == "train":
+        from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 
-        from ..data.transforms import BICUBIC, IMAGENET_MEAN, IMAGENET_STD
+        if spec.name == "imagenet" and not auto_augment:
+            from torchvision.transforms import v2
 
-        kwargs["transform"] = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(img_size, scale=(0.5, 1.0), interpolation=BICUBIC, antialias=True),
-                                          v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    kwargs.pop("imagenet_auto_augment", None)
-    if kwargs.pop("randaug", False) and split == "train":
-        from ..data.transforms import build_transform
-
-        kwargs["transform"] = build_transform(spec.name, is_train=True, img_size=img_size, randaug=True)
+            vl = build_transform("", is_train=True, img_size=img_size, crop_scale=crop_scale, hflip=hflip)
+            kwargs["transform"] = v2.Compose([*vl.transforms[:-1], v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        elif spec.name != "imagenet":
+            kwargs["transform"] = build_transform(spec.name, is_train=True, img_size=img_size, randaug=randaug,
+                                                  crop_scale=crop_scale, hflip=hflip)
     return create_dataset(spec.name, data_dir, split, tokenizer=tokenizer, max_len=max_len, img_size=img_size, **kwargs)
 
 

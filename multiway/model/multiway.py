@@ -286,9 +286,16 @@ class MultiwayTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise as the official code does (:func:`init_linear_and_norm`; text embedding ~ N(0, D^-1/2))."""
+        """Initialise as the official code does (:func:`init_linear_and_norm`; text embedding ~ N(0, D^-1/2)), except
+        the position tables: trunc_normal(``config.position_init_std``) unless that is None (official N(0, 1))."""
         init_linear_and_norm(self)
         nn.init.normal_(self.text_embed.weight, std=self.config.embed_dim**-0.5)
+        std = self.config.position_init_std
+        for table in self.encoder.embed_positions.values():
+            if std is None:
+                table.reset_parameters()
+            else:
+                trunc_normal_(table.weight, std=std)
 
     @property
     def num_layers(self) -> int:

@@ -67,6 +67,7 @@ class PretrainConfig:
     text_replace_probs: tuple[float, float, float] = (1.0, 0.0, 0.0)  # (mask, random, keep)
     color_jitter: float = 0.4
     crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = True
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/pretrain_tiny", max_steps=300))
 
@@ -191,7 +192,8 @@ class PretrainTask:
         if not train:
             return PretrainTransform(self.mcfg.img_size, tok_size, scale=(1.0, 1.0), color_jitter=0.0, hflip=False)
         scale = (1.0, 1.0) if precomputed else tuple(self.cfg.crop_scale)
-        return PretrainTransform(self.mcfg.img_size, tok_size, scale=scale, color_jitter=self.cfg.color_jitter, hflip=not precomputed)
+        return PretrainTransform(self.mcfg.img_size, tok_size, scale=scale, color_jitter=self.cfg.color_jitter,
+                                 hflip=self.cfg.hflip and not precomputed)
 
     def _stream(self, name: str, rank: int, world_size: int, seed: int):
         from multiway.data.streams import ImageStream, PairStream, TextStream
