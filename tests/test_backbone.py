@@ -262,3 +262,21 @@ def test_position_tables_start_small_unless_official_init_is_asked_for():
     assert cfg.position_init_std is None
     with pytest.raises(ValueError, match="depth"):
         MultiwayConfig.from_dict({"depth": None})
+
+
+def test_head_init_follows_the_config():
+    torch.manual_seed(0)
+    fan_in = multiway.create_model("beit3_tiny_patch8_32_vqav2", num_classes=10)
+    assert fan_in.config.head_init == "fan_in"
+    w = fan_in.head[0].weight  # (128, 64): PyTorch default, uniform(+-64^-1/2)
+    assert w.abs().max() <= 64**-0.5 and 0.06 < w.std().item() < 0.085
+    assert fan_in.head[0].bias.abs().max() > 0
+    official = multiway.create_model("beit3_tiny_patch8_32_vqav2", num_classes=10, head_init="official")
+    for module in (official.head[0], official.head[3], official.pooler.dense):
+        assert module.weight.abs().max() <= 0.02 and module.weight.std() < 0.02
+        assert (module.bias == 0).all()
+    # the backbone keeps the official init either way
+    assert fan_in.beit3.encoder.layers[0].ffn.A.fc1.weight.abs().max() <= 0.02
+    with pytest.raises(ValueError, match="head_init"):
+        MultiwayConfig(head_init="xavier")
+    assert MultiwayConfig().head_init == "official"  # the official presets

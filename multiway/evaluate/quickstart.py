@@ -102,7 +102,7 @@ class QuickstartConfig:
 _CAPTION_LEN = dict(max_text_len=24, max_gen_len=20)
 _FULL_TASKS: dict[str, dict[str, Any]] = {
     "imagenet": dict(split="val", steps=500, lr=2e-3, options=dict(imagenet_auto_augment=False)),
-    "vqav2": dict(split="val", steps=700, lr=2e-3),
+    "vqav2": dict(split="val", steps=700, lr=1e-3),
     "nlvr2": dict(split="test", steps=200, lr=1e-3),  # two images per example: the slowest step
     # a high lr collapses the dual encoder (every [CLS] embedding the same, loss = log(batch)): 3e-3 did at once
     "coco_retrieval": dict(split="test", steps=350, lr=5e-4, warmup_steps=40, options=dict(_CAPTION_LEN)),

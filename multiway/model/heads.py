@@ -37,6 +37,17 @@ class BEiT3Model(nn.Module):
         """Keyword arguments (beyond the config) needed to rebuild this model."""
         return {}
 
+    def init_head(self, *modules: nn.Module) -> None:
+        """Initialise head modules by ``config.head_init``: ``"official"`` (:func:`init_linear_and_norm`) or
+        ``"fan_in"`` (PyTorch's default Linear init, std ~ (3 fan_in)^-1/2, LayerNorm (1, 0))."""
+        for module in modules:
+            if self.config.head_init == "official":
+                init_linear_and_norm(module)
+            else:
+                for m in module.modules():
+                    if isinstance(m, (nn.Linear, nn.LayerNorm)):
+                        m.reset_parameters()
+
 
 class BEiT3ForImageClassification(BEiT3Model):
     """Vision encoder + mean pooling over patch tokens (CLS excluded) + linear classifier.
@@ -50,8 +61,7 @@ class BEiT3ForImageClassification(BEiT3Model):
         self.num_classes = num_classes
         self.fc_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
-        init_linear_and_norm(self.fc_norm)
-        init_linear_and_norm(self.head)
+        self.init_head(self.fc_norm, self.head)
         if isinstance(self.head, nn.Linear):
             self.head.weight.data.mul_(0.001)
             self.head.bias.data.mul_(0.001)
@@ -94,8 +104,7 @@ class BEiT3ForVisualQuestionAnswering(BEiT3Model):
         self.num_classes = num_classes
         self.pooler = Pooler(dim)
         self.head = nn.Sequential(nn.Linear(dim, dim * 2), nn.LayerNorm(dim * 2), nn.GELU(), nn.Linear(dim * 2, num_classes))
-        init_linear_and_norm(self.pooler)
-        init_linear_and_norm(self.head)
+        self.init_head(self.pooler, self.head)
 
     def head_config(self) -> dict:
         return {"num_classes": self.num_classes}
@@ -129,7 +138,7 @@ class BEiT3ForVisualReasoning(BEiT3Model):
         dim = config.embed_dim
         self.num_classes = num_classes
         self.head = TwoLayerMLP(dim * 4, dim * 2, num_classes)
-        init_linear_and_norm(self.head)
+        self.init_head(self.head)
         for layer in (self.head.dense1, self.head.dense2):
             layer.weight.data.mul_(0.001)
             layer.bias.data.mul_(0.001)
@@ -187,8 +196,7 @@ class BEiT3ForRetrieval(BEiT3Model):
         dim = config.embed_dim
         self.language_head = nn.Linear(dim, dim, bias=False)
         self.vision_head = nn.Linear(dim, dim, bias=False)
-        init_linear_and_norm(self.language_head)
-        init_linear_and_norm(self.vision_head)
+        self.init_head(self.language_head, self.vision_head)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, image: Tensor) -> Tensor:
@@ -228,7 +236,7 @@ class BEiT3ForCaptioning(BEiT3Model):
     def __init__(self, config: MultiwayConfig):
         super().__init__(config)
         self.mlm_head = nn.Linear(config.embed_dim, config.vocab_size)
-        init_linear_and_norm(self.mlm_head)
+        self.init_head(self.mlm_head)
 
     def forward(
         self,
@@ -271,8 +279,7 @@ class BEiT3ForTextClassification(BEiT3Model):
         self.num_classes = num_classes
         self.pooler = Pooler(config.embed_dim)
         self.head = nn.Linear(config.embed_dim, num_classes)
-        init_linear_and_norm(self.pooler)
-        init_linear_and_norm(self.head)
+        self.init_head(self.pooler, self.head)
 
     def head_config(self) -> dict:
         return {"num_classes": self.num_classes}
@@ -293,8 +300,7 @@ class BEiT3ForPretraining(BEiT3Model):
         self.codebook_size = codebook_size
         self.mlm_head = nn.Linear(config.embed_dim, config.vocab_size)
         self.mim_head = nn.Linear(config.embed_dim, codebook_size)
-        init_linear_and_norm(self.mlm_head)
-        init_linear_and_norm(self.mim_head)
+        self.init_head(self.mlm_head, self.mim_head)
 
     def head_config(self) -> dict:
         return {"codebook_size": self.codebook_size}
