@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import random
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ class QuickstartConfig:
     workers: int = 2  # fine-tunes run side by side in this many processes
     # built-in data (multiway.data.shapes.generate_synthetic_dataset)
     num_images: int = 1500
-    num_pairs: int = 2000
+    num_pairs: int = 1200
     imagenet_per_class: int = 24
     img_size: int = 32
     vocab_size: int = 500
@@ -103,7 +104,7 @@ _CAPTION_LEN = dict(max_text_len=24, max_gen_len=20)
 _FULL_TASKS: dict[str, dict[str, Any]] = {
     "imagenet": dict(split="val", steps=500, lr=2e-3, options=dict(imagenet_auto_augment=False)),
     "vqav2": dict(split="val", steps=700, lr=1e-3),
-    "nlvr2": dict(split="test", steps=300, lr=1e-3),  # two images per example: the slowest step
+    "nlvr2": dict(split="test", steps=200, lr=1e-3),  # two images per example: the slowest step
     # a high lr collapses the dual encoder (every [CLS] embedding the same, loss = log(batch)): 3e-3 did at once
     "coco_retrieval": dict(split="test", steps=350, lr=5e-4, warmup_steps=40, options=dict(_CAPTION_LEN)),
     "coco_captioning": dict(split="test", steps=600, lr=2e-3, options=dict(mask_prob=0.5, drop_worst_after=10**9, **_CAPTION_LEN)),
@@ -394,7 +395,8 @@ def plot_examples(runs: dict[str, dict[str, Path]], data: Path, tok, path: Path,
         ax.imshow(Image.open(p))
         ax.axis("off")
         hit = P.search_image(ret, p, texts, k=1).rows[0]["hits"][0]["text"] if i else hits.rows[0]["hits"][0]["text"]
-        ax.set_title(f"cap: {cap[i]['caption']}\nQ: {vqa_q}\nA: {vqa[i]['answer']}\nR@1: {hit}", fontsize=6, loc="left")
+        lines = [f"cap: {cap[i]['caption']}", f"Q: {vqa_q}", f"A: {vqa[i]['answer']}", f"R@1: {hit}"]
+        ax.set_title("\n".join(textwrap.fill(line, 42) for line in lines), fontsize=6, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
