@@ -5,7 +5,7 @@ All transforms take a PIL image and return a float tensor (3, S, S).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -31,12 +31,14 @@ def _randaugment() -> v2.Transform:
 
 
 def build_transform(task: str, is_train: bool, img_size: int = 224, randaug: bool = False,
-                    crop_pct: float = 1.0, crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True) -> Callable:
+                    crop_pct: float = 1.0, crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
+                    mean: Sequence[float] = INCEPTION_MEAN, std: Sequence[float] = INCEPTION_STD) -> Callable:
     """Official BEiT-3 transform of ``task`` (PIL -> (3, S, S) float tensor).
 
     Vision-language tasks (mean = std = 0.5): train = RandomResizedCrop(scale=``crop_scale``, bicubic) + horizontal
     flip (even for VQA/NLVR2, as the official code; ``hflip=False`` drops it, e.g. for captions that say left or
-    right) + optional RandAugment; eval = Resize((S, S), bicubic). ``imagenet``: see :func:`build_imagenet_transform`.
+    right) + optional RandAugment; eval = Resize((S, S), bicubic). ``mean``/``std``: the normalisation.
+    ``imagenet``: see :func:`build_imagenet_transform`.
     """
     if task == "imagenet":
         return build_imagenet_transform(is_train, img_size, crop_pct)
@@ -50,7 +52,7 @@ def build_transform(task: str, is_train: bool, img_size: int = 224, randaug: boo
             ops.append(_randaugment())
     else:
         ops = [v2.ToImage(), v2.Resize((img_size, img_size), interpolation=BICUBIC, antialias=True)]
-    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(INCEPTION_MEAN, INCEPTION_STD)]
+    ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     return v2.Compose(ops)
 
 

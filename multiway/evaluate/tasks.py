@@ -215,11 +215,9 @@ def build_dataset(spec: TaskSpec, data_dir: str | os.PathLike, split: str, token
     if split == "train":
         from ..data.transforms import IMAGENET_MEAN, IMAGENET_STD, build_transform
 
-        if spec.name == "imagenet" and not auto_augment:
-            from torchvision.transforms import v2
-
-            vl = build_transform("", is_train=True, img_size=img_size, crop_scale=crop_scale, hflip=hflip)
-            kwargs["transform"] = v2.Compose([*vl.transforms[:-1], v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        if spec.name == "imagenet" and not auto_augment:  # the VL crop-and-flip views, ImageNet's normalisation
+            kwargs["transform"] = build_transform("", is_train=True, img_size=img_size, crop_scale=crop_scale, hflip=hflip,
+                                                  mean=IMAGENET_MEAN, std=IMAGENET_STD)
         elif spec.name != "imagenet":
             kwargs["transform"] = build_transform(spec.name, is_train=True, img_size=img_size, randaug=randaug,
                                                   crop_scale=crop_scale, hflip=hflip)
