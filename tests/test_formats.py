@@ -96,6 +96,13 @@ def test_captioning_reader_masks_officially():
     assert s == {**ds[0], "image": s["image"]}  # seeded: the same masks each time
     for t, o, m in zip(s["masked_tokens"], s["language_tokens"], s["language_masked_pos"]):
         assert t == o or m
+    # unseeded: fresh masks per draw, reproducible under torch.manual_seed (the training loop seeds torch)
+    fresh = create_dataset("coco_captioning", FIX, "train", img_size=8, max_len=10, mask_id=99, vocab_size=100, mask_prob=0.6)
+    torch.manual_seed(1)
+    first = [fresh[0]["language_masked_pos"] for _ in range(8)]
+    torch.manual_seed(1)
+    assert [fresh[0]["language_masked_pos"] for _ in range(8)] == first
+    assert len({tuple(p) for p in first}) > 1
     val = create_dataset("coco_captioning", FIX, "val", img_size=8)[0]
     assert set(val) == {"image", "image_id"} and val["image_id"] == 42
     assert create_dataset("nocaps", FIX, "val", img_size=8)[0]["image_id"] == 7

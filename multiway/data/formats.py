@@ -336,7 +336,9 @@ class CaptioningDataset(IndexDataset):
         if self.mask_id is None or self.vocab_size is None:
             raise DataError(f"{item['_where']}: captioning training needs tokenizer= (or mask_id= and vocab_size=)")
         ids, pad, n = self._text(item)
-        rng = random.Random(None if self.seed is None else self.seed * 1_000_003 + index)
+        # seed given: the same mask for an item every epoch; else fresh masks drawn from torch's RNG, which the
+        # training loop seeds (and DataLoader workers derive from it), so a seeded run is reproducible
+        rng = random.Random(int(torch.randint(2**62, ())) if self.seed is None else self.seed * 1_000_003 + index)
         masked, pos = mask_captioning(ids, n, self.mask_prob, self.mask_id, self.vocab_size, rng)
         out.update(language_tokens=ids, masked_tokens=masked, language_masked_pos=pos, padding_mask=pad)
         return out
