@@ -87,6 +87,24 @@ def test_finetune_run_evaluate(data, tmp_path):
     assert again["vqa_score"] == pytest.approx(result["vqa_score"])
 
 
+def test_finetune_from_scratch_is_reproducible_whatever_ran_before(data, tmp_path):
+    # the fresh model's init must come from the run's seed, not from the process's RNG history
+    from safetensors.torch import load_file
+
+    root, spm = data
+    weights = []
+    for i in range(2):
+        torch.rand(i * 7 + 1)  # different RNG history before each run
+        cfg = FinetuneConfig(task="coco_captioning", data_dir=str(root), out_dir=str(tmp_path / f"run{i}"),
+                             model="beit3_tiny_patch8_32", tokenizer=str(spm), batch_size=4, max_text_len=12,
+                             caption_metrics=["CIDEr"], max_gen_len=4, num_beams=1,
+                             train={"max_steps": 2, "lr": 1e-3, "save_every": 0, "progress": False})
+        finetune(cfg, progress=False)
+        weights.append(load_file(tmp_path / f"run{i}" / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_finetune_config_errors(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("task: vqav2\nbogus: 1\n")

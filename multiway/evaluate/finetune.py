@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 
 from ..train import MapDatasetTask, TrainConfig, train
+from ..train.loop import seed_everything
 from .tasks import TASKS, EvalOptions, LossOptions, TaskSpec, build_dataset, collate, evaluate_model, get_task, task_loss
 
 
@@ -162,6 +163,8 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
                               crop_scale=cfg.crop_scale, hflip=cfg.hflip, **data_kwargs)
     num_classes = _num_classes(spec, cfg, train_set)
     if model is None:
+        # a fresh head (and a from-scratch backbone) must not depend on what this process drew before
+        seed_everything(int(cfg.train.get("seed", 0)))
         model = build_task_model(spec, cfg, num_classes)
     eval_kwargs = dict(data_kwargs)
     eval_kwargs.pop("mask_prob", None)
