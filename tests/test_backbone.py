@@ -264,6 +264,23 @@ def test_position_tables_start_small_unless_official_init_is_asked_for():
         MultiwayConfig.from_dict({"depth": None})
 
 
+def test_backbone_linear_init_std_follows_the_config():
+    # Official presets: trunc_normal(0.02, cut at +-0.02). Tiny presets: D^-1/2 (0.02 at width 64 leaves attention
+    # uniform and a fused model that learns to ignore the image).
+    assert MultiwayConfig().init_std == 0.02 and multiway.get_config("beit3_base_patch16_224").init_std == 0.02
+    torch.manual_seed(0)
+    tiny = MultiwayTransformer(multiway.get_config("beit3_tiny_patch8_32"))
+    assert tiny.config.init_std == 64**-0.5
+    official = MultiwayTransformer(multiway.get_config("beit3_tiny_patch8_32", init_std=0.02))
+    for model, std in ((tiny, 64**-0.5), (official, 0.02)):
+        linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(linears) > 10
+        w = torch.cat([x.flatten() for x in linears])
+        assert w.abs().max() <= std and 0.45 * std < w.std() < 0.65 * std  # a normal cut at one std: 0.54 std
+    with pytest.raises(ValueError, match="init_std"):
+        MultiwayConfig(init_std=0.0)
+
+
 def test_head_init_follows_the_config():
     torch.manual_seed(0)
     fan_in = multiway.create_model("beit3_tiny_patch8_32_vqav2", num_classes=10)
@@ -275,8 +292,8 @@ def test_head_init_follows_the_config():
     for module in (official.head[0], official.head[3], official.pooler.dense):
         assert module.weight.abs().max() <= 0.02 and module.weight.std() < 0.02
         assert (module.bias == 0).all()
-    # the backbone keeps the official init either way
-    assert fan_in.beit3.encoder.layers[0].ffn.A.fc1.weight.abs().max() <= 0.02
+    # the backbone init is config.init_std's either way
+    assert fan_in.beit3.encoder.layers[0].ffn.A.fc1.weight.abs().max() <= fan_in.config.init_std
     with pytest.raises(ValueError, match="head_init"):
         MultiwayConfig(head_init="xavier")
     assert MultiwayConfig().head_init == "official"  # the official presets

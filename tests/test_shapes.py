@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from multiway.data.formats import collate_batch, create_dataset
-from multiway.data.shapes import (COLOURS, HELD_OUT, SHAPES, Obj, Scene, captions, generate_synthetic_dataset,
+from multiway.data.shapes import (COLOURS, HELD_OUT, NUMBER_WORDS, SHAPES, Obj, Scene, captions, generate_synthetic_dataset,
                                   render_scene, sample_scene, statement_pair)
 from multiway.tokenizers.text import TextTokenizer
 
@@ -114,19 +114,33 @@ def test_every_reader_runs_on_the_synthetic_data(synth):
     assert 0.3 < np.mean([x["label"] for x in nlvr]) < 0.7
 
 
-def test_nlvr2_statements_do_not_give_away_their_label():
+def _statement_truth(text: str, left, right) -> bool:
+    """An independent reading of each kind of NLVR2 statement."""
+    words = text.split()
+    colours = lambda scene: {o.colour for o in scene.objects}  # noqa: E731
+    if words[1] in ("left", "right") and words[3] == "contains":  # the left image contains a red shape
+        return words[5] in colours(left if words[1] == "left" else right)
+    if words[0] == "both":  # both images contain a red shape
+        return words[4] in colours(left) and words[4] in colours(right)
+    if words[:3] == ["there", "are", "more"]:  # there are more shapes in the left image than in the right image
+        first, second = (left, right) if words[6] == "left" else (right, left)
+        return len(first.objects) > len(second.objects)
+    if words[:3] == ["there", "are", "exactly"]:  # there are exactly four shapes in total
+        return len(left.objects) + len(right.objects) == NUMBER_WORDS.index(words[3])
+    if words[:2] == ["exactly", "one"]:  # exactly one image has a red shape
+        return (words[5] in colours(left)) != (words[5] in colours(right))
+    raise AssertionError(f"unknown statement {text!r}")
+
+
+def test_nlvr2_statements_are_labelled_right_and_do_not_give_away_their_label():
     # Each kind of statement must be true about half the time, or a text-only model solves the task.
     rng = random.Random(0)
     by_kind: dict[str, list[bool]] = {}
-    for i in range(600):
+    for i in range(900):
         want = i % 2 == 0
         left, right, text = statement_pair(rng, want, "train")
         by_kind.setdefault(" ".join(text.split()[:3]), []).append(want)
-        if text.startswith("the left image contains a "):
-            colour, shape = text.split()[-2:]
-            assert any(o.colour == colour and o.shape == shape for o in left.objects) == want
-        if text == "there are more shapes in the left image than in the right image":
-            assert (len(left.objects) > len(right.objects)) == want
-    assert len(by_kind) == 5
+        assert _statement_truth(text, left, right) == want, text
+    assert len(by_kind) == 6  # the left / the right / both / more / exactly k / exactly one
     for kind, labels in by_kind.items():
         assert 0.3 < sum(labels) / len(labels) < 0.7, kind

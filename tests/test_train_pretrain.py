@@ -135,3 +135,31 @@ def test_pretrain_end_to_end_cli_and_plots(tiny_data, tmp_path):
     assert main(["plot", str(out)]) == 0
     for name in ("loss", "accuracy", "lr", "throughput"):
         assert (out / f"{name}.png").stat().st_size > 1000
+
+
+def test_shuffled_image_accuracy_measures_what_the_model_reads_from_the_image(tiny_data):
+    from multiway.tokenizers import TextTokenizer, load_vqkd
+    from multiway.train.objectives import masked_accuracy_counts
+
+    root, vq = tiny_data
+    cfg = _cfg(root, vq, root / "unused")
+    torch.manual_seed(0)
+    model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=64).eval()
+    task = PretrainTask(cfg, model.config, TextTokenizer(root / "shapes.spm"), load_vqkd(vq))
+    pair = task._targets(next(task.train_batches(0, 1, seed=0, start_step=0))["pair"])
+    with torch.no_grad():
+        counts = masked_accuracy_counts(model, {"pair": pair})
+        assert counts["pair_text_shuffled"][1] == counts["pair_text"][1] == int(pair["text_masked_positions"].sum())
+        # the same image in every row: rolling the batch changes nothing, the two accuracies agree exactly
+        same = {**pair, "image": pair["image"][:1].expand_as(pair["image"]).clone()}
+        c = masked_accuracy_counts(model, {"pair": same})
+        assert c["pair_text_shuffled"] == c["pair_text"]
+        # a model whose masked-text logits depend on the image: rolled images give other predictions
+        text_logits, _ = model(image=pair["image"], text_ids=pair["text_ids"], padding_mask=pair["padding_mask"],
+                               text_masked_positions=pair["text_masked_positions"])
+        rolled, _ = model(image=pair["image"].roll(1, 0), text_ids=pair["text_ids"], padding_mask=pair["padding_mask"],
+                          text_masked_positions=pair["text_masked_positions"])
+        assert not torch.allclose(text_logits, rolled)
+    metrics = task.evaluate(model)
+    assert 0.0 <= metrics["pair_text_shuffled_acc"] <= 1.0
+    assert metrics["pair_text_shuffled_majority"] == metrics["pair_text_majority"]

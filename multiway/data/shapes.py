@@ -48,8 +48,8 @@ BACKGROUNDS = ("dark", "light", "gradient", "striped", "noisy")
 HELD_OUT = {("red", "triangle"), ("blue", "circle"), ("green", "star"), ("yellow", "square"),
             ("purple", "hexagon"), ("orange", "diamond")}
 H_WORDS, V_WORDS = ("left", "center", "right"), ("top", "middle", "bottom")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four")
-VERSION = 2
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+VERSION = 3
 
 
 @dataclass
@@ -282,26 +282,29 @@ def statement_pair(rng: random.Random, want: bool, split: str) -> tuple[Scene, S
     """An NLVR2-style example: (left scene, right scene, statement) whose truth value is ``want``.
 
     The statement is drawn first and the scene pair is then resampled until the statement has the wanted truth,
-    so every kind of statement is true half of the time and the text alone does not predict the label."""
+    so every kind of statement is true half of the time and the text alone does not predict the label.
+
+    The statements are about colours and counts (which image, both, exactly one, more, in total): at the
+    quickstart's 32 px with 8 px patches, a tiny ViT tells colours and counts apart but barely shapes (a
+    2-layer width-64 model stayed at ~1/6 shape accuracy), so shape statements left the task at chance."""
     for _ in range(20):
         kind = rng.randrange(5)
-        c, s, k = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.randint(0, 3)
-        if not _allowed(c, s, split):
-            continue
-        has = lambda sc: any(o.colour == c and o.shape == s for o in sc.objects)  # noqa: E731
+        c, k = rng.choice(list(COLOURS)), rng.randint(2, 6)
+        side, other = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+        has = lambda sc: any(o.colour == c for o in sc.objects)  # noqa: E731
         if kind == 0:
-            text, truth = f"the left image contains a {c} {s}", lambda l, r: has(l)
+            text, truth = f"the {side} image contains a {c} shape", lambda l, r: has(l if side == "left" else r)
         elif kind == 1:
-            text, truth = f"both images contain a {s}", lambda l, r: all(any(o.shape == s for o in sc.objects) for sc in (l, r))
+            text, truth = f"both images contain a {c} shape", lambda l, r: has(l) and has(r)
         elif kind == 2:
-            text, truth = "there are more shapes in the left image than in the right image", \
-                lambda l, r: len(l.objects) > len(r.objects)
+            text = f"there are more shapes in the {side} image than in the {other} image"
+            truth = lambda l, r: (len(l.objects) - len(r.objects)) * (1 if side == "left" else -1) > 0  # noqa: E731
         elif kind == 3:
-            text = f"there are exactly {NUMBER_WORDS[k]} {_plural(s, k)} in total"
-            truth = lambda l, r: sum(o.shape == s for sc in (l, r) for o in sc.objects) == k  # noqa: E731
+            text = f"there are exactly {NUMBER_WORDS[k]} shapes in total"
+            truth = lambda l, r: len(l.objects) + len(r.objects) == k  # noqa: E731
         else:
             text = f"exactly one image has a {c} shape"
-            truth = lambda l, r: sum(any(o.colour == c for o in sc.objects) for sc in (l, r)) == 1  # noqa: E731
+            truth = lambda l, r: has(l) != has(r)  # noqa: E731
         for _ in range(100):
             left, right = sample_scene(rng, split), sample_scene(rng, split)
             if truth(left, right) == want:

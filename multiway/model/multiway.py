@@ -255,11 +255,12 @@ class MultiwayOutput:
     hidden_states: tuple[Tensor, ...] = field(default_factory=tuple)
 
 
-def init_linear_and_norm(module: nn.Module) -> None:
-    """The official fine-tuning wrapper's init: Linear ~ trunc_normal(std 0.02, cut at ±0.02), bias 0; LayerNorm (1, 0)."""
+def init_linear_and_norm(module: nn.Module, std: float = 0.02) -> None:
+    """The official fine-tuning wrapper's init: Linear ~ trunc_normal(std, cut at ±std; official 0.02), bias 0;
+    LayerNorm (1, 0)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02, a=-0.02, b=0.02)
+            trunc_normal_(m.weight, std=std, a=-std, b=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.LayerNorm):
@@ -286,9 +287,10 @@ class MultiwayTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise as the official code does (:func:`init_linear_and_norm`; text embedding ~ N(0, D^-1/2)), except
-        the position tables: trunc_normal(``config.position_init_std``) unless that is None (official N(0, 1))."""
-        init_linear_and_norm(self)
+        """Initialise as the official code does (:func:`init_linear_and_norm` with ``config.init_std``; text
+        embedding ~ N(0, D^-1/2)), except the position tables: trunc_normal(``config.position_init_std``) unless
+        that is None (official N(0, 1))."""
+        init_linear_and_norm(self, self.config.init_std)
         nn.init.normal_(self.text_embed.weight, std=self.config.embed_dim**-0.5)
         std = self.config.position_init_std
         for table in self.encoder.embed_positions.values():

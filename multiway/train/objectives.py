@@ -81,7 +81,11 @@ def mdm_loss(model: nn.Module, batch: dict, weights: dict[str, float] | None = N
 
 @torch.no_grad()
 def masked_accuracy_counts(model: nn.Module, batch: dict) -> dict[str, tuple[int, int]]:
-    """``{part: (correct, total)}`` over the masked tokens of a batch (for held-out evaluation)."""
+    """``{part: (correct, total)}`` over the masked tokens of a batch (for held-out evaluation).
+
+    For the pair stream also ``pair_text_shuffled``: the masked text of each pair predicted beside another pair's
+    image (the batch's images rolled by one). Its gap to ``pair_text`` is what the model reads from the image; a
+    model that learned only the language of captions scores the same on both."""
     out: dict[str, tuple[int, int]] = {}
     for name in STREAMS:
         s = batch.get(name)
@@ -100,6 +104,11 @@ def masked_accuracy_counts(model: nn.Module, batch: dict) -> dict[str, tuple[int
                 continue
             t = s[key]
             out[part] = (int((logits.argmax(-1) == t).sum()), int(t.numel()))
+        if name == "pair" and s.get("image") is not None and s["image"].shape[0] > 1 and s.get("text_masked_positions") is not None:
+            text_logits, _ = model(image=s["image"].roll(1, 0), text_ids=s["text_ids"], padding_mask=s.get("padding_mask"),
+                                   text_masked_positions=s["text_masked_positions"])
+            t = s["text_targets"]
+            out["pair_text_shuffled"] = (int((text_logits.argmax(-1) == t).sum()), int(t.numel()))
     return out
 
 

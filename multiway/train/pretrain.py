@@ -342,7 +342,7 @@ class PretrainTask:
         out = {}
         for part in sorted(total):
             out[f"{part}_acc"] = correct[part] / max(1, total[part])
-            t = torch.cat(targets[part])
+            t = torch.cat(targets[part if part in targets else "pair_text"])  # pair_text_shuffled: same targets
             out[f"{part}_majority"] = float(torch.bincount(t).max()) / max(1, t.numel())
         return out
 
