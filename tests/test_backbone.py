@@ -294,6 +294,12 @@ def test_head_init_follows_the_config():
         assert (module.bias == 0).all()
     # the backbone init is config.init_std's either way
     assert fan_in.beit3.encoder.layers[0].ffn.A.fc1.weight.abs().max() <= fan_in.config.init_std
+    # NLVR2: the official x0.001 on both MLP layers only with the official head init
+    nlvr2_official = multiway.create_model("beit3_tiny_patch8_32_nlvr2", head_init="official")
+    nlvr2_fan_in = multiway.create_model("beit3_tiny_patch8_32_nlvr2")
+    for layer in (nlvr2_official.head.dense1, nlvr2_official.head.dense2):
+        assert layer.weight.abs().max() <= 0.02 * 0.001 + 1e-12
+    assert 0.03 < nlvr2_fan_in.head.dense1.weight.std().item() < 0.04  # uniform(+-256^-1/2): std (3*256)^-1/2
     with pytest.raises(ValueError, match="head_init"):
         MultiwayConfig(head_init="xavier")
     assert MultiwayConfig().head_init == "official"  # the official presets

@@ -11,7 +11,8 @@ from downstream_data import write_downstream_data
 from multiway.evaluate import metrics
 from multiway.evaluate.finetune import FinetuneConfig, evaluate, finetune
 from multiway.evaluate.losses import captioning_loss, vqa_loss
-from multiway.evaluate.tasks import TASKS, EvalOptions, LossOptions, build_dataset, collate, evaluate_model, task_loss
+from multiway.evaluate.tasks import (TASKS, EvalOptions, LossOptions, OtherImages, build_dataset, collate, evaluate_model,
+                                    task_loss)
 from multiway.tokenizers.text import TextTokenizer
 from multiway.tokenizers.text import train_text_tokenizer
 
@@ -55,6 +56,31 @@ def test_task_loss_falls(task, data):
         losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
     assert min(losses[-3:]) < factor * losses[0], losses
+
+
+@pytest.mark.parametrize("task", ["vqav2", "nlvr2"])
+def test_other_images_keeps_texts_and_labels_and_swaps_the_images(task, data):
+    root, spm = data
+    spec = TASKS[task]
+    ds = build_dataset(spec, root, "val", tokenizer=TextTokenizer(spm), max_len=12, img_size=32)
+    other = OtherImages(ds)
+    assert len(other) == len(ds)
+    for i in (0, len(ds) - 1):
+        mine, theirs, swapped = ds[i], ds[(i + 1) % len(ds)], other[i]
+        assert swapped["language_tokens"] == mine["language_tokens"]
+        for key in ("image", "image2"):
+            if key in mine:
+                assert torch.equal(swapped[key], theirs[key])
+        label = "labels" if "labels" in mine else "label"
+        assert torch.equal(torch.as_tensor(swapped[label]), torch.as_tensor(mine[label]))
+    assert other.items is ds.items  # attributes the evaluation reads come from the wrapped dataset
+    torch.manual_seed(0)
+    n = ds.num_labels if task == "vqav2" else 2
+    model = _model(task, n)
+    result = evaluate_model(spec, model, other, EvalOptions(batch_size=4))
+    assert spec.metric in result
+    with pytest.raises(ValueError, match="two examples"):
+        OtherImages(torch.utils.data.Subset(ds, [0]))
 
 
 def test_vqa_loss_is_bce_summed_over_answers():

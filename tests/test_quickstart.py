@@ -22,6 +22,13 @@ def test_quickstart_fast(tmp_path):
     assert all(f"{t}/{i}/{part}" in saved["timings_s"] for t in TASKS for i in ("pretrained", "scratch") for part in ("train", "eval"))
     assert {"text_acc", "text_majority", "image_acc", "image_majority"} <= set(saved["pretraining"])
     assert "captioning_most_frequent_caption" in saved["baselines"]
+    assert "pair_text_shuffled_acc" in saved["pretraining"]
+    # the fusion tasks are also scored with each example beside another one's image(s)
+    for t in ("vqav2", "nlvr2"):
+        for init in ("pretrained", "scratch"):
+            assert 0 <= saved["baselines"][f"{t}_{init}_other_images"] <= 100
+    notes = (tmp_path / "qs" / "results.md").read_text()
+    assert "beside another test example's image" in notes and "beside another pair's image" in notes
     # every run folder holds the fine-tuned model and its evaluation on the held-out split
     for t in TASKS:
         for init in ("pretrained", "scratch"):

@@ -18,7 +18,7 @@ out_dir/
   imagenet/{train,val}/<colour>_<shape>/*.png  one shape per image     -> imagenet.{train,val}.index.jsonl
   corpus.txt                         text corpus (train captions, questions, statements + extra sentences)
   shapes.spm                         SentencePiece model trained on corpus.txt (small vocabulary)
-  shards/train-NNNNNN.tar            webdataset shards of train scenes (png, txt caption, json scene)
+  shards/train-NNNNNN.tar            webdataset shards: one sample per train caption (png, txt caption, json scene)
 ```
 
 The test split holds out colour-shape combinations (``HELD_OUT``): they never appear in train/val scenes,
@@ -48,8 +48,8 @@ BACKGROUNDS = ("dark", "light", "gradient", "striped", "noisy")
 HELD_OUT = {("red", "triangle"), ("blue", "circle"), ("green", "star"), ("yellow", "square"),
             ("purple", "hexagon"), ("orange", "diamond")}
 H_WORDS, V_WORDS = ("left", "center", "right"), ("top", "middle", "bottom")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
-VERSION = 3
+NUMBER_WORDS = ("zero", "one", "two", "three", "four")
+VERSION = 4
 
 
 @dataclass
@@ -284,27 +284,23 @@ def statement_pair(rng: random.Random, want: bool, split: str) -> tuple[Scene, S
     The statement is drawn first and the scene pair is then resampled until the statement has the wanted truth,
     so every kind of statement is true half of the time and the text alone does not predict the label.
 
-    The statements are about colours and counts (which image, both, exactly one, more, in total): at the
-    quickstart's 32 px with 8 px patches, a tiny ViT tells colours and counts apart but barely shapes (a
-    2-layer width-64 model stayed at ~1/6 shape accuracy), so shape statements left the task at chance."""
+    The statements are about the colours in the two images (which image, both, exactly one, neither): at the
+    quickstart's 32 px with 8 px patches a tiny ViT tells colours apart but barely shapes (a 2-layer width-64
+    model stayed near 1/6 shape accuracy) or counts (statements about numbers of shapes stayed at chance while
+    colour statements reached 63-77%)."""
     for _ in range(20):
-        kind = rng.randrange(5)
-        c, k = rng.choice(list(COLOURS)), rng.randint(2, 6)
-        side, other = ("left", "right") if rng.random() < 0.5 else ("right", "left")
+        kind = rng.randrange(4)
+        c = rng.choice(list(COLOURS))
+        side = rng.choice(("left", "right"))
         has = lambda sc: any(o.colour == c for o in sc.objects)  # noqa: E731
         if kind == 0:
             text, truth = f"the {side} image contains a {c} shape", lambda l, r: has(l if side == "left" else r)
         elif kind == 1:
             text, truth = f"both images contain a {c} shape", lambda l, r: has(l) and has(r)
         elif kind == 2:
-            text = f"there are more shapes in the {side} image than in the {other} image"
-            truth = lambda l, r: (len(l.objects) - len(r.objects)) * (1 if side == "left" else -1) > 0  # noqa: E731
-        elif kind == 3:
-            text = f"there are exactly {NUMBER_WORDS[k]} shapes in total"
-            truth = lambda l, r: len(l.objects) + len(r.objects) == k  # noqa: E731
+            text, truth = f"exactly one image has a {c} shape", lambda l, r: has(l) != has(r)
         else:
-            text = f"exactly one image has a {c} shape"
-            truth = lambda l, r: has(l) != has(r)  # noqa: E731
+            text, truth = f"neither image has a {c} shape", lambda l, r: not (has(l) or has(r))
         for _ in range(100):
             left, right = sample_scene(rng, split), sample_scene(rng, split)
             if truth(left, right) == want:
@@ -324,7 +320,7 @@ class SynthParams:
     img_size: int = 64
     seed: int = 0
     vocab_size: int = 500  # SentencePiece pieces (the tokenizer has vocab_size + 2 ids)
-    shard_size: int = 500  # train scenes per webdataset shard
+    shard_size: int = 500  # samples (image-caption pairs) per webdataset shard
     version: int = VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -406,7 +402,9 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 200
                 corpus.extend(caps)
                 buf = io.BytesIO()
                 img.save(buf, format="PNG", compress_level=1)
-                shard_items.append((f"{next_id:06d}", buf.getvalue(), caps[0], scenes_out[-1]))
+                # one sample per caption: the pair stream then sees every description of a scene, not one
+                # memorised sentence per image
+                shard_items += [(f"{next_id:06d}_{k}", buf.getvalue(), cap, scenes_out[-1]) for k, cap in enumerate(caps)]
             next_id += 1
             bar.update(1)
         write_jsonl(out / f"scenes.{split}.jsonl", scenes_out)

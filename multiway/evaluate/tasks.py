@@ -397,6 +397,34 @@ def constant_caption_score(spec: TaskSpec, train: Dataset, test: Dataset) -> flo
     return caption_scores([{"image_id": iid, "caption": constant} for iid in refs], refs, only=[spec.metric])[spec.metric]
 
 
+class OtherImages(Dataset):
+    """The examples of ``dataset``, each with the image(s) of the example ``offset`` places on (same text, labels).
+
+    A model's score here is what it gets without reading the image: the gap to its real score measures how
+    much it uses the image (a VQA model can score well from the question alone)."""
+
+    def __init__(self, dataset: Dataset, offset: int = 1):
+        if len(dataset) < 2:
+            raise ValueError("OtherImages needs at least two examples")
+        self.dataset, self.offset = dataset, offset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = dict(self.dataset[index])
+        other = self.dataset[(index + self.offset) % len(self.dataset)]
+        for key in ("image", "image2"):
+            if key in item:
+                item[key] = other[key]
+        return item
+
+    def __getattr__(self, name: str):  # label2answer, items, tokenizer ... of the wrapped dataset
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
 def chance_level(spec: TaskSpec, train: Dataset, test: Dataset, num_classes: int | None = None) -> float:
     """The headline metric of a trivial predictor on ``test``: uniform guessing for classification and retrieval
     (expected value), a random training caption per image for captioning."""
@@ -432,6 +460,7 @@ __all__ = [
     "TASKS",
     "EvalOptions",
     "LossOptions",
+    "OtherImages",
     "TaskSpec",
     "TextClassificationDataset",
     "build_dataset",
