@@ -23,6 +23,7 @@ def test_quickstart_fast(tmp_path):
     assert {"text_acc", "text_majority", "image_acc", "image_majority"} <= set(saved["pretraining"])
     assert "captioning_most_frequent_caption" in saved["baselines"]
     assert "pair_text_shuffled_acc" in saved["pretraining"]
+    assert "pair_image_acc" in saved["pretraining"]  # pretraining masks the image of pairs too
     # the fusion tasks are also scored with each example beside another one's image(s)
     for t in ("vqav2", "nlvr2"):
         for init in ("pretrained", "scratch"):

@@ -66,6 +66,10 @@ class QuickstartConfig:
     pretrain_lr: float = 2e-3
     pretrain_warmup: int = 30
     pretrain_eval_size: int = 256
+    # also mask 40% of the image of each pair: predicting image tokens from the caption and the rest of the image
+    # made the fused model learn to look things up in the image ("is there a red shape?" probe: 77% vs 54% without,
+    # same data and seed; see docs/downstream.md)
+    pretrain_pair_image_mask: float = 0.4
     # fine-tuning
     max_text_len: int = 24
     num_beams: int = 2
@@ -170,6 +174,7 @@ def _pretrain_config(cfg: QuickstartConfig, data: Path, out: Path, seed: int):
     b, steps = cfg.pretrain_batch, cfg.pretrain_steps
     return PretrainConfig(
         model=cfg.model, vqkd_steps=cfg.vqkd_steps, batch={"text": b, "image": b, "pair": b},
+        pair_image_mask_ratio=cfg.pretrain_pair_image_mask,
         crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip, color_jitter=cfg.color_jitter,
         data=DataConfig(dir=str(data), builtin=False, num_workers=0, eval_size=cfg.pretrain_eval_size),
         train=TrainConfig(out_dir=str(out), max_steps=steps, lr=cfg.pretrain_lr, min_lr=1e-5, warmup_steps=cfg.pretrain_warmup,
