@@ -60,7 +60,7 @@ class MultiwayConfig:
     # Std of the backbone's Linear weights at init, cut at +-std as the official code does. 0.02 (official) suits
     # width ~768; at width 64 it makes every projection shrink its input ~12x, attention stays uniform and a
     # from-scratch fused model learned to answer from the question alone (VQA score with real images within 2
-    # points of shuffled ones). Tiny presets scale it as 0.02 * (768 / D)^1/2.
+    # points of shuffled ones). The tiny and small presets use D^-1/2.
     init_std: float = 0.02
 
     def __post_init__(self) -> None:

@@ -142,7 +142,7 @@ def test_shuffled_image_accuracy_measures_what_the_model_reads_from_the_image(ti
     from multiway.train.objectives import masked_accuracy_counts
 
     root, vq = tiny_data
-    cfg = _cfg(root, vq, root / "unused")
+    cfg = _cfg(root, vq, root / "unused", "pair_image_mask_ratio=0.4")
     torch.manual_seed(0)
     model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=64).eval()
     task = PretrainTask(cfg, model.config, TextTokenizer(root / "shapes.spm"), load_vqkd(vq))
@@ -150,10 +150,22 @@ def test_shuffled_image_accuracy_measures_what_the_model_reads_from_the_image(ti
     with torch.no_grad():
         counts = masked_accuracy_counts(model, {"pair": pair})
         assert counts["pair_text_shuffled"][1] == counts["pair_text"][1] == int(pair["text_masked_positions"].sum())
-        # the same image in every row: rolling the batch changes nothing, the two accuracies agree exactly
-        same = {**pair, "image": pair["image"][:1].expand_as(pair["image"]).clone()}
+        # the same image and image mask in every row: rolling the batch changes nothing, the accuracies agree exactly
+        assert pair["image_masked_positions"].any()
+        same = {**pair, "image": pair["image"][:1].expand_as(pair["image"]).clone(),
+                "image_masked_positions": pair["image_masked_positions"][:1].expand_as(pair["image_masked_positions"]).clone()}
         c = masked_accuracy_counts(model, {"pair": same})
         assert c["pair_text_shuffled"] == c["pair_text"]
+        # the shuffled pass sees each other image as it was seen in its own pair: masked by that pair's mask
+        calls = []
+
+        def recording(**kwargs):
+            calls.append(kwargs)
+            return model(**kwargs)
+
+        masked_accuracy_counts(recording, {"pair": pair})
+        assert torch.equal(calls[1]["image"], pair["image"].roll(1, 0))
+        assert torch.equal(calls[1]["image_masked_positions"], pair["image_masked_positions"].roll(1, 0))
         # a model whose masked-text logits depend on the image: rolled images give other predictions
         text_logits, _ = model(image=pair["image"], text_ids=pair["text_ids"], padding_mask=pair["padding_mask"],
                                text_masked_positions=pair["text_masked_positions"])

@@ -84,7 +84,7 @@ def masked_accuracy_counts(model: nn.Module, batch: dict) -> dict[str, tuple[int
     """``{part: (correct, total)}`` over the masked tokens of a batch (for held-out evaluation).
 
     For the pair stream also ``pair_text_shuffled``: the masked text of each pair predicted beside another pair's
-    image (the batch's images rolled by one). Its gap to ``pair_text`` is what the model reads from the image; a
+    image (the batch's images rolled by one, with their image masks when the pair's image is masked too). Its gap to ``pair_text`` is what the model reads from the image; a
     model that learned only the language of captions scores the same on both."""
     out: dict[str, tuple[int, int]] = {}
     for name in STREAMS:
@@ -105,7 +105,9 @@ def masked_accuracy_counts(model: nn.Module, batch: dict) -> dict[str, tuple[int
             t = s[key]
             out[part] = (int((logits.argmax(-1) == t).sum()), int(t.numel()))
         if name == "pair" and s.get("image") is not None and s["image"].shape[0] > 1 and s.get("text_masked_positions") is not None:
+            image_mask = s.get("image_masked_positions")
             text_logits, _ = model(image=s["image"].roll(1, 0), text_ids=s["text_ids"], padding_mask=s.get("padding_mask"),
+                                   image_masked_positions=None if image_mask is None else image_mask.roll(1, 0),
                                    text_masked_positions=s["text_masked_positions"])
             t = s["text_targets"]
             out["pair_text_shuffled"] = (int((text_logits.argmax(-1) == t).sum()), int(t.numel()))
