@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +122,26 @@ class MultiwayConfig:
     @classmethod
     def load(cls, path: str | Path) -> "MultiwayConfig":
         path = Path(path)
-        data = yaml.safe_load(path.read_text())  # YAML is a superset of JSON
+        data = load_yaml(path.read_text())  # YAML is a superset of JSON
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` / ``5E+2`` as floats (YAML 1.1, and so PyYAML, needs a dot: ``1.0e-3``)."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML like ``yaml.safe_load``, with ``2e-3`` read as a float rather than a string."""
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 def check_fields(cls: type, d: dict[str, Any], what: str | None = None) -> None:

@@ -140,6 +140,18 @@ def test_finetune_config_errors(tmp_path):
         FinetuneConfig(task="vqa3", data_dir="d", out_dir="o")
 
 
+def test_exponent_numbers_in_configs_are_floats(tmp_path):
+    from multiway.config import load_yaml
+
+    # PyYAML alone reads 2e-3 as the string "2e-3" (YAML 1.1 wants a dot), which the optimiser then rejects
+    assert load_yaml("lr: 2e-3\nmin_lr: 1E-6\nwd: 5.0e-2\nsteps: 10\nname: e5\nv: 1.2.3") == {
+        "lr": 0.002, "min_lr": 1e-6, "wd": 0.05, "steps": 10, "name": "e5", "v": "1.2.3"}
+    path = tmp_path / "c.yaml"
+    path.write_text("task: vqav2\ntrain:\n  lr: 3e-4\n  max_steps: 5\n")
+    cfg = FinetuneConfig.load(path, data_dir="d", out_dir="o")
+    assert cfg.train["lr"] == 3e-4 and isinstance(cfg.train["lr"], float)
+
+
 # --- golden weights: our evaluation path gives the official heads' predictions -------------------------------
 
 

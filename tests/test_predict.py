@@ -1,6 +1,5 @@
 """Inference on a folder of user files: broken images reported by name, the rest processed; embed/search."""
 
-import json
 
 import numpy as np
 import pytest

@@ -175,3 +175,82 @@ def test_shuffled_image_accuracy_measures_what_the_model_reads_from_the_image(ti
     metrics = task.evaluate(model)
     assert 0.0 <= metrics["pair_text_shuffled_acc"] <= 1.0
     assert metrics["pair_text_shuffled_majority"] == metrics["pair_text_majority"]
+
+
+def test_contrastive_pretraining_matches_the_retrieval_model_and_hands_it_the_heads(tiny_data, tmp_path):
+    from multiway.model.heads import contrastive_loss
+    from multiway.tokenizers import TextTokenizer, load_vqkd
+    from multiway.train.objectives import pair_contrastive_loss, unmasked_text
+
+    root, vq = tiny_data
+    cfg = _cfg(root, vq, tmp_path / "unused", "itc_weight=0.5")
+    torch.manual_seed(0)
+    model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=64, contrastive=True)
+    task = PretrainTask(cfg, model.config, TextTokenizer(root / "shapes.spm"), load_vqkd(vq))
+    batch = next(task.train_batches(0, 1, seed=0, start_step=0))
+    pair = task._targets(batch["pair"])
+    # the masked words are put back: the contrastive text is the caption itself
+    text = unmasked_text(pair)
+    assert pair["text_masked_positions"].any() and not (text == TextTokenizer(root / "shapes.spm").mask_id).any()
+    assert torch.equal(text[~pair["text_masked_positions"]], pair["text_ids"][~pair["text_masked_positions"]])
+    # the retrieval model built from the pretraining weights computes the same loss: same heads, same names
+    retrieval = multiway.create_model("beit3_tiny_patch8_32_retrieval")
+    report = multiway.load_checkpoint(retrieval, model.state_dict())
+    assert {"vision_head.weight", "language_head.weight", "logit_scale"} <= set(report.loaded)
+    model.eval(), retrieval.eval()
+    with torch.no_grad():
+        itc, acc = pair_contrastive_loss(model, pair)
+        ref, image_feats, text_feats = retrieval(image=pair["image"], text_description=text, padding_mask=pair["padding_mask"])
+        assert itc.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.allclose(image_feats, model.encode_image(pair["image"]), atol=1e-6)
+        expected_acc = ((image_feats @ text_feats.t()).argmax(1) == torch.arange(len(text))).float().mean()
+        assert acc.item() == pytest.approx(expected_acc.item())
+        # the loss is the CLIP loss of those features (not of the masked text)
+        masked_loss, _, _ = contrastive_loss(image_feats, model.encode_text(pair["text_ids"], pair["padding_mask"]), model.logit_scale.exp())
+        assert masked_loss.item() != pytest.approx(itc.item(), rel=1e-4)
+    # the task loss adds itc_weight * ITC to masked data modeling, and logs it
+    model.train()
+    torch.manual_seed(1)
+    total, logs = task.loss(model, batch)
+    mdm = sum(logs[f"{p}/loss"] for p in ("text", "image", "pair_text"))  # pair images unmasked here
+    assert total.item() == pytest.approx(mdm + 0.5 * logs["itc/loss"], rel=1e-4)
+    assert 0.0 <= logs["itc/acc"] <= 1.0
+    # held-out in-batch retrieval is reported with its chance level
+    metrics = task.evaluate(model.eval())
+    assert 0.0 <= metrics["itc_i2t_acc"] <= 1.0 and 0.0 <= metrics["itc_t2i_acc"] <= 1.0
+    assert metrics["itc_chance"] == pytest.approx(1 / 16)  # eval_size 16: one batch of 16 pairs
+    # a model without the heads is refused with a clear message
+    plain = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=64)
+    with pytest.raises(ValueError, match="contrastive=True"):
+        pair_contrastive_loss(plain, pair)
+
+
+def test_contrastive_pretraining_learns_to_match_images_and_captions(tiny_data, tmp_path):
+    from multiway.tokenizers import TextTokenizer, load_vqkd
+    from multiway.train.objectives import pair_contrastive_loss
+
+    root, vq = tiny_data
+    cfg = _cfg(root, vq, tmp_path / "unused", "itc_weight=1.0", "batch={text: 0, image: 0, pair: 8}")
+    torch.manual_seed(0)
+    model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=64, contrastive=True, drop_path_rate=0.0)
+    task = PretrainTask(cfg, model.config, TextTokenizer(root / "shapes.spm"), load_vqkd(vq))
+    pair = task.collate("pair", list(itertools.islice(task._stream("pair", 0, 1, 0), 8)), 0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(30):  # one fixed batch: the image of each pair must come to pick out its caption
+        loss, acc = pair_contrastive_loss(model, pair)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0] and acc.item() == 1.0
+    # through the pretraining entry point: logged, evaluated, and the checkpoint rebuilds the heads
+    out = tmp_path / "itc"
+    metrics = pretrain(_cfg(root, vq, out, "itc_weight=1.0", "train.max_steps=2", "train.lr=2e-3",  # 2e-3: a float, not a string
+                            "train.log_every=1", "train.save_every=2"))
+    from multiway.train.loop import read_metrics
+
+    assert all("itc/loss" in r for r in read_metrics(out) if "pair_text/loss" in r)
+    assert 0.0 <= metrics["eval/itc_i2t_acc"] <= 1.0 and metrics["eval/itc_chance"] == pytest.approx(1 / 16)
+    rebuilt = multiway.create_model(out / "checkpoints/step_00000002/model.safetensors")
+    assert rebuilt.contrastive and rebuilt.vision_head.weight.shape == (64, 64)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from ..config import load_yaml
 from .tasks import TASKS
 
 
@@ -28,9 +28,7 @@ def _finetune(args) -> int:
         key, _, value = item.partition("=")
         if not _:
             raise SystemExit(f"--set expects key=value, got {item!r}")
-        import yaml
-
-        (train if key.startswith("train.") else overrides)[key.removeprefix("train.")] = yaml.safe_load(value)
+        (train if key.startswith("train.") else overrides)[key.removeprefix("train.")] = load_yaml(value)
     if args.config:
         cfg = FinetuneConfig.load(args.config, train=train, **overrides)
     else:

@@ -24,9 +24,10 @@ import torch
 import yaml
 from torch import nn
 
+from ..config import load_yaml
 from ..train import MapDatasetTask, TrainConfig, train
 from ..train.loop import seed_everything
-from .tasks import TASKS, EvalOptions, LossOptions, TaskSpec, build_dataset, collate, evaluate_model, get_task, task_loss
+from .tasks import EvalOptions, LossOptions, TaskSpec, build_dataset, collate, evaluate_model, get_task, task_loss
 
 
 @dataclass
@@ -72,7 +73,7 @@ class FinetuneConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike, **overrides: Any) -> "FinetuneConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of FinetuneConfig fields")
         train_over = overrides.pop("train", {}) or {}
@@ -243,7 +244,7 @@ def evaluate(run_or_model: str | os.PathLike, task: str | None = None, data_dir:
     saved: dict[str, Any] = {}
     if path.is_dir():
         if (path / "finetune_config.yaml").is_file():
-            saved = yaml.safe_load((path / "finetune_config.yaml").read_text())
+            saved = load_yaml((path / "finetune_config.yaml").read_text())
         path = path / "model.safetensors"
     task = task or saved.get("task")
     data_dir = data_dir or saved.get("data_dir")

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 import yaml
 
+from ..config import load_yaml
+
 # --- settings: every number the quickstart uses, in one place ------------------------------------------------
 
 
@@ -70,6 +72,8 @@ class QuickstartConfig:
     # made the fused model learn to look things up in the image ("is there a red shape?" probe: 77% vs 54% without,
     # same data and seed; see docs/downstream.md)
     pretrain_pair_image_mask: float = 0.4
+    # image-text contrastive loss on the pairs beside masked data modeling (PretrainConfig.itc_weight)
+    pretrain_itc_weight: float = 1.0
     # fine-tuning
     max_text_len: int = 24
     num_beams: int = 2
@@ -174,7 +178,7 @@ def _pretrain_config(cfg: QuickstartConfig, data: Path, out: Path, seed: int):
     b, steps = cfg.pretrain_batch, cfg.pretrain_steps
     return PretrainConfig(
         model=cfg.model, vqkd_steps=cfg.vqkd_steps, batch={"text": b, "image": b, "pair": b},
-        pair_image_mask_ratio=cfg.pretrain_pair_image_mask,
+        pair_image_mask_ratio=cfg.pretrain_pair_image_mask, itc_weight=cfg.pretrain_itc_weight,
         crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip, color_jitter=cfg.color_jitter,
         data=DataConfig(dir=str(data), builtin=False, num_workers=0, eval_size=cfg.pretrain_eval_size),
         train=TrainConfig(out_dir=str(out), max_steps=steps, lr=cfg.pretrain_lr, min_lr=1e-5, warmup_steps=cfg.pretrain_warmup,
@@ -200,7 +204,7 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
     else:
         cfg = QuickstartConfig.preset("fast" if fast else "full")
         if config is not None:
-            cfg.update(yaml.safe_load(Path(config).read_text()) or {})
+            cfg.update(load_yaml(Path(config).read_text()) or {})
     t0 = time.time()
     threads = _set_threads(cfg.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -342,6 +346,9 @@ def _pretraining_summary(pretraining: dict[str, float]) -> str:
              for s in ("text", "image", "pair_text") if s + "_acc" in pretraining]
     if "pair_text_shuffled_acc" in pretraining:
         parts.append(f"pair_text beside another pair's image {pretraining['pair_text_shuffled_acc']:.1f}")
+    if "itc_i2t_acc" in pretraining:
+        parts.append(f"image-text contrastive top-1 in batches of 64: image->text {pretraining['itc_i2t_acc']:.1f}, "
+                     f"text->image {pretraining['itc_t2i_acc']:.1f} ({pretraining['itc_chance']:.1f})")
     return ", ".join(parts)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from ..config import check_fields
+from ..config import check_fields, load_yaml
 
 VISION_KINDS = ("timm", "multiway")
 TEXT_KINDS = ("hf", "embedding")
@@ -207,7 +207,7 @@ class MeterConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "MeterConfig":
-        data = yaml.safe_load(Path(path).read_text())
+        data = load_yaml(Path(path).read_text())
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of METER config fields")
         return cls.from_dict(data.get("model", data))

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from ..config import load_yaml
 from ..train.loop import train
-from .config import TINY_TEXT, MeterConfig, ObjectiveConfig, tiny_config
+from .config import TINY_TEXT, MeterConfig, tiny_config
 from .model import METERForPretraining, count_parameters
 from .objectives import TextSpec, load_mim_tokenizer
 from .optim import train_config
@@ -98,7 +98,7 @@ class StudyConfig:
 
     @classmethod
     def load(cls, path: str | Path, **overrides: Any) -> "StudyConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = load_yaml(Path(path).read_text()) or {}
         data = data.get("study", data)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - names

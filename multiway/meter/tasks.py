@@ -24,7 +24,7 @@ from ..evaluate.metrics import caption_metrics, retrieval_recall, vqa_score
 from ..train.loop import MapDatasetTask
 from .config import ObjectiveConfig
 from .model import METERForCaptioning, METERForNLVR2, METERForPretraining, METERForRetrieval, METERForVQA
-from .objectives import TextSpec, itc_logits, itc_loss, pretraining_loss, sample_negative_images
+from .objectives import TextSpec, itc_logits, itc_loss, pretraining_loss
 
 
 def _batches(dataset: Dataset, collate_fn: Callable | None, batch_size: int) -> Iterable[dict]:

@@ -187,7 +187,27 @@ def contrastive_loss(image_feats: Tensor, text_feats: Tensor, logit_scale: Tenso
     return loss, logits_per_image, logits_per_text
 
 
-class BEiT3ForRetrieval(BEiT3Model):
+class DualEncoderHeads:
+    """Mixin for :class:`BEiT3Model` subclasses: the dual-encoder projections under their official names
+    (``vision_head``, ``language_head``: bias-free D x D; ``logit_scale`` = log(1/0.07)) and the two encoders."""
+
+    def _build_dual_encoder_heads(self) -> None:
+        dim = self.config.embed_dim
+        self.language_head = nn.Linear(dim, dim, bias=False)
+        self.vision_head = nn.Linear(dim, dim, bias=False)
+        self.init_head(self.language_head, self.vision_head)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_image(self, image: Tensor) -> Tensor:
+        """(B, C, H, W) -> normalised (B, D): the projected vision [CLS] of an image-only pass."""
+        return F.normalize(self.vision_head(self.beit3.encode_image(image)[:, 0]), dim=-1)
+
+    def encode_text(self, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """(B, T) -> normalised (B, D): the projected first token of a text-only pass."""
+        return F.normalize(self.language_head(self.beit3.encode_text(text_ids, padding_mask)[:, 0]), dim=-1)
+
+
+class BEiT3ForRetrieval(DualEncoderHeads, BEiT3Model):
     """Dual encoder: separate image-only and text-only passes, projected and L2-normalised, CLIP loss.
 
     forward(image, text_description, padding_mask, only_infer=False) returns
@@ -197,19 +217,7 @@ class BEiT3ForRetrieval(BEiT3Model):
 
     def __init__(self, config: MultiwayConfig):
         super().__init__(config)
-        dim = config.embed_dim
-        self.language_head = nn.Linear(dim, dim, bias=False)
-        self.vision_head = nn.Linear(dim, dim, bias=False)
-        self.init_head(self.language_head, self.vision_head)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-
-    def encode_image(self, image: Tensor) -> Tensor:
-        """(B, C, H, W) -> normalised (B, D)."""
-        return F.normalize(self.vision_head(self.beit3.encode_image(image)[:, 0]), dim=-1)
-
-    def encode_text(self, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        """(B, T) -> normalised (B, D)."""
-        return F.normalize(self.language_head(self.beit3.encode_text(text_ids, padding_mask)[:, 0]), dim=-1)
+        self._build_dual_encoder_heads()
 
     def forward(
         self,
@@ -292,22 +300,31 @@ class BEiT3ForTextClassification(BEiT3Model):
         return self.head(self.pooler(self.beit3.encode_text(text_ids, padding_mask)))
 
 
-class BEiT3ForPretraining(BEiT3Model):
+class BEiT3ForPretraining(DualEncoderHeads, BEiT3Model):
     """Masked data modeling: one backbone, a text head over the vocabulary and an image head over visual tokens.
 
     forward(image, text_ids, padding_mask, image_masked_positions, text_masked_positions) returns
     ``(text_logits (M_t, vocab) | None, image_logits (M_i, codebook) | None)`` at the masked positions.
+
+    ``contrastive=True`` adds the dual-encoder heads of :class:`BEiT3ForRetrieval` (same names, so a retrieval
+    fine-tune starts from them, as the official ``*_itc`` checkpoints do) for an image-text contrastive loss
+    beside masked data modeling: ``forward(image, text_ids, padding_mask, contrastive=True)`` encodes the image
+    alone and the text alone and returns ``(loss, image_feats (B, D), text_feats (B, D))`` as the retrieval
+    model does (through ``forward``, so DDP/FSDP wrappers see the call).
     """
 
-    def __init__(self, config: MultiwayConfig, codebook_size: int = 8192):
+    def __init__(self, config: MultiwayConfig, codebook_size: int = 8192, contrastive: bool = False):
         super().__init__(config)
         self.codebook_size = codebook_size
+        self.contrastive = contrastive
         self.mlm_head = nn.Linear(config.embed_dim, config.vocab_size)
         self.mim_head = nn.Linear(config.embed_dim, codebook_size)
         self.init_head(self.mlm_head, self.mim_head)
+        if contrastive:
+            self._build_dual_encoder_heads()
 
     def head_config(self) -> dict:
-        return {"codebook_size": self.codebook_size}
+        return {"codebook_size": self.codebook_size, **({"contrastive": True} if self.contrastive else {})}
 
     def forward(
         self,
@@ -316,7 +333,16 @@ class BEiT3ForPretraining(BEiT3Model):
         padding_mask: Tensor | None = None,
         image_masked_positions: Tensor | None = None,
         text_masked_positions: Tensor | None = None,
-    ) -> tuple[Tensor | None, Tensor | None]:
+        contrastive: bool = False,
+    ) -> tuple[Tensor | None, ...]:
+        if contrastive:
+            if not self.contrastive:
+                raise ValueError("contrastive=True needs a model built with contrastive=True (dual-encoder heads)")
+            if image is None or text_ids is None:
+                raise ValueError("the image-text contrastive loss needs both image and text_ids")
+            image_feats, text_feats = self.encode_image(image), self.encode_text(text_ids, padding_mask)
+            loss, _, _ = contrastive_loss(image_feats.float(), text_feats.float(), self.logit_scale.exp().float())
+            return loss, image_feats, text_feats
         out = self.beit3(image, text_ids, padding_mask, image_masked_positions=image_masked_positions)
         x, nv = out.last_hidden_state, out.num_vision
         text_logits = image_logits = None

@@ -14,6 +14,10 @@ Targets are listed in row-major order of the masked positions (``ids[mask]``), t
 masked tokens; the total is the sum over streams (text, image, pair-text, pair-image), each weighted by
 ``weights`` (default 1). Logged: ``<stream>/loss`` and ``<stream>/acc`` (masked-token accuracy) for
 ``text``, ``image``, ``pair_text`` and ``pair_image``.
+
+:func:`pair_contrastive_loss` adds an image-text contrastive (ITC) loss on the pairs of the same batch: each pair's
+image alone and its full text alone through the dual-encoder heads of a ``contrastive=True`` model, CLIP loss over
+all ranks (logged as ``itc/loss`` and ``itc/acc``, the in-batch image-to-text top-1).
 """
 
 from __future__ import annotations
@@ -79,6 +83,26 @@ def mdm_loss(model: nn.Module, batch: dict, weights: dict[str, float] | None = N
     return total, logs
 
 
+def unmasked_text(s: dict) -> Tensor:
+    """The original text ids of a stream dict: ``text_ids`` with the masked positions set back to ``text_targets``."""
+    ids = s["text_ids"].clone()
+    mask = s.get("text_masked_positions")
+    if mask is not None:
+        ids[mask.bool()] = s["text_targets"]
+    return ids
+
+
+def pair_contrastive_loss(model: nn.Module, s: dict) -> tuple[Tensor, Tensor]:
+    """ITC on a pair stream: (CLIP loss over all ranks, in-batch image-to-text top-1 accuracy), fp32.
+
+    Uses the unmasked image and the original text (masked words restored), each encoded alone by a
+    ``contrastive=True`` :class:`~multiway.BEiT3ForPretraining`."""
+    loss, image_feats, text_feats = model(image=s["image"], text_ids=unmasked_text(s), padding_mask=s.get("padding_mask"), contrastive=True)
+    sim = image_feats.detach().float() @ text_feats.detach().float().t()
+    acc = (sim.argmax(1) == torch.arange(sim.shape[0], device=sim.device)).float().mean()
+    return loss, acc
+
+
 @torch.no_grad()
 def masked_accuracy_counts(model: nn.Module, batch: dict) -> dict[str, tuple[int, int]]:
     """``{part: (correct, total)}`` over the masked tokens of a batch (for held-out evaluation).
@@ -114,4 +138,4 @@ def masked_accuracy_counts(model: nn.Module, batch: dict) -> dict[str, tuple[int
     return out
 
 
-__all__ = ["STREAMS", "masked_accuracy_counts", "masked_ce", "mdm_loss", "stream_loss"]
+__all__ = ["STREAMS", "masked_accuracy_counts", "masked_ce", "mdm_loss", "pair_contrastive_loss", "stream_loss", "unmasked_text"]

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..config import load_yaml
 from .loop import TrainConfig, _mix, train
-from .objectives import masked_accuracy_counts, mdm_loss
+from .objectives import masked_accuracy_counts, mdm_loss, pair_contrastive_loss, unmasked_text
 
 
 @dataclass
@@ -64,6 +65,9 @@ class PretrainConfig:
     pair_text_mask_ratio: float = 0.5
     image_mask_ratio: float = 0.4
     pair_image_mask_ratio: float = 0.0  # > 0 also masks the image of pairs
+    # > 0 adds an image-text contrastive loss on the pairs (dual-encoder heads, as the official *_itc checkpoints
+    # carry): the retrieval [CLS] outputs, which masked data modeling never trains, learn from the pairs too
+    itc_weight: float = 0.0
     text_replace_probs: tuple[float, float, float] = (1.0, 0.0, 0.0)  # (mask, random, keep)
     color_jitter: float = 0.4
     crop_scale: tuple[float, float] = (0.5, 1.0)
@@ -92,9 +96,7 @@ class PretrainConfig:
 
 def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
     """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
-    import yaml
-
-    raw = yaml.safe_load(Path(path).read_text()) or {}
+    raw = load_yaml(Path(path).read_text()) or {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r}: expected key=value (e.g. train.max_steps=100)")
@@ -105,7 +107,7 @@ def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> Pretrai
             parts = ["train", parts[0]]  # bare TrainConfig field: lr=3e-4
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = load_yaml(value)
     return PretrainConfig.from_dict(raw)
 
 
@@ -292,7 +294,12 @@ class PretrainTask:
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[Tensor, dict[str, float]]:
         batch = {k: (self._targets(v) if isinstance(v, dict) else v) for k, v in batch.items()}
-        return mdm_loss(model, batch)
+        loss, logs = mdm_loss(model, batch)
+        if self.cfg.itc_weight > 0 and batch.get("pair"):
+            itc, acc = pair_contrastive_loss(model, batch["pair"])
+            loss = loss + self.cfg.itc_weight * itc
+            logs["itc/loss"], logs["itc/acc"] = itc.detach().item(), acc.item()
+        return loss, logs
 
     # -- held-out evaluation --
 
@@ -321,7 +328,10 @@ class PretrainTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        """Held-out masked-token accuracy per stream, and the majority-class baseline (most frequent target)."""
+        """Held-out masked-token accuracy per stream, and the majority-class baseline (most frequent target).
+
+        With ``itc_weight > 0`` also ``itc_i2t_acc`` / ``itc_t2i_acc``: image-to-text and text-to-image top-1 among
+        the pairs of each held-out batch (up to 64; ``itc_chance`` is the mean 1 / batch size)."""
         if not self.cfg.data.eval_pairs:
             return {}
         device = next(model.parameters()).device
@@ -330,7 +340,10 @@ class PretrainTask:
         targets: dict[str, list[Tensor]] = {}
         for b in self.eval_batches(device):
             b = {k: self._targets(v) for k, v in b.items()}
-            for part, (c, t) in masked_accuracy_counts(model, b).items():
+            counts = masked_accuracy_counts(model, b)
+            if self.cfg.itc_weight > 0 and b.get("pair"):
+                counts.update(_in_batch_retrieval_counts(model, b["pair"]))
+            for part, (c, t) in counts.items():
                 correct[part] = correct.get(part, 0) + c
                 total[part] = total.get(part, 0) + t
             for name, s in b.items():
@@ -342,9 +355,23 @@ class PretrainTask:
         out = {}
         for part in sorted(total):
             out[f"{part}_acc"] = correct[part] / max(1, total[part])
+            if part.startswith("itc_"):
+                continue
             t = torch.cat(targets[part if part in targets else "pair_text"])  # pair_text_shuffled: same targets
             out[f"{part}_majority"] = float(torch.bincount(t).max()) / max(1, t.numel())
+        if "itc_i2t" in total:
+            sizes = [len(b["pair"]["image"]) for b in self.eval_batches(device) if b.get("pair")]
+            out["itc_chance"] = len(sizes) / max(1, sum(sizes))
         return out
+
+
+def _in_batch_retrieval_counts(model: nn.Module, s: dict) -> dict[str, tuple[int, int]]:
+    """``{"itc_i2t": (correct, n), "itc_t2i": (correct, n)}``: top-1 retrieval among the pairs of one batch."""
+    _, image_feats, text_feats = model(image=s["image"], text_ids=unmasked_text(s), padding_mask=s.get("padding_mask"), contrastive=True)
+    sim = image_feats @ text_feats.t()
+    target = torch.arange(sim.shape[0], device=sim.device)
+    n = int(sim.shape[0])
+    return {"itc_i2t": (int((sim.argmax(1) == target).sum()), n), "itc_t2i": (int((sim.argmax(0) == target).sum()), n)}
 
 
 # --- entry point ----------------------------------------------------------------------------------------
@@ -384,7 +411,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict[str, float]:
     codebook = vqkd.n_code if vqkd is not None else int(cfg.model_overrides.get("codebook_size", 8192))
     overrides = {k: v for k, v in cfg.model_overrides.items() if k != "codebook_size"}
     torch.manual_seed(cfg.train.seed)
-    model = multiway.create_model(f"{cfg.model}_pretraining", codebook_size=codebook, **overrides)
+    model = multiway.create_model(f"{cfg.model}_pretraining", codebook_size=codebook, contrastive=cfg.itc_weight > 0, **overrides)
     task = PretrainTask(cfg, model.config, tok, vqkd)
     out = Path(cfg.train.out_dir)
     out.mkdir(parents=True, exist_ok=True)
