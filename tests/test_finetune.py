@@ -65,14 +65,20 @@ def test_other_images_keeps_texts_and_labels_and_swaps_the_images(task, data):
     ds = build_dataset(spec, root, "val", tokenizer=TextTokenizer(spm), max_len=12, img_size=32)
     other = OtherImages(ds)
     assert len(other) == len(ds)
-    for i in (0, len(ds) - 1):
-        mine, theirs, swapped = ds[i], ds[(i + 1) % len(ds)], other[i]
+    images = lambda item: torch.cat([item[k] for k in ("image", "image2") if k in item])  # noqa: E731
+    for i in range(len(ds)):
+        mine, swapped = ds[i], other[i]
         assert swapped["language_tokens"] == mine["language_tokens"]
-        for key in ("image", "image2"):
-            if key in mine:
-                assert torch.equal(swapped[key], theirs[key])
         label = "labels" if "labels" in mine else "label"
         assert torch.equal(torch.as_tensor(swapped[label]), torch.as_tensor(mine[label]))
+        # never the example's own picture, even where several questions in a row ask about one image
+        assert not torch.equal(images(swapped), images(mine))
+        j = next(j for j in range(i + 1, i + len(ds)) if not torch.equal(images(ds[j % len(ds)]), images(mine)))
+        assert torch.equal(images(swapped), images(ds[j % len(ds)]))  # the first other image from i + 1 on
+    # several questions in a row about one image (as in VQAv2): the next example would bring the same picture back
+    runs = torch.utils.data.Subset(ds, [0, 0, 0, 1, 1, 2])
+    swapped = [images(x) for x in OtherImages(runs)]
+    assert [torch.equal(x, images(ds[k])) for x, k in zip(swapped, [1, 1, 1, 2, 2, 0])] == [True] * 6
     assert other.items is ds.items  # attributes the evaluation reads come from the wrapped dataset
     torch.manual_seed(0)
     n = ds.num_labels if task == "vqav2" else 2
@@ -81,6 +87,8 @@ def test_other_images_keeps_texts_and_labels_and_swaps_the_images(task, data):
     assert spec.metric in result
     with pytest.raises(ValueError, match="two examples"):
         OtherImages(torch.utils.data.Subset(ds, [0]))
+    with pytest.raises(ValueError, match="nothing to swap in"):
+        OtherImages(torch.utils.data.Subset(ds, [0, 0]))[0]
 
 
 def test_vqa_loss_is_bce_summed_over_answers():

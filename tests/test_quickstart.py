@@ -24,12 +24,16 @@ def test_quickstart_fast(tmp_path):
     assert "captioning_most_frequent_caption" in saved["baselines"]
     assert "pair_text_shuffled_acc" in saved["pretraining"]
     assert "pair_image_acc" in saved["pretraining"]  # pretraining masks the image of pairs too
+    # pretraining learns image-text matching too, and its dual encoder is scored before any fine-tuning
+    assert 0 <= saved["pretraining"]["itc_i2t_acc"] <= 100 and saved["pretraining"]["itc_chance"] > 0
+    assert 0 <= saved["baselines"]["coco_retrieval_zero_shot"] <= 100
     # the fusion tasks are also scored with each example beside another one's image(s)
     for t in ("vqav2", "nlvr2"):
         for init in ("pretrained", "scratch"):
             assert 0 <= saved["baselines"][f"{t}_{init}_other_images"] <= 100
     notes = (tmp_path / "qs" / "results.md").read_text()
     assert "beside another test example's image" in notes and "beside another pair's image" in notes
+    assert "before any fine-tuning" in notes and "image-text contrastive top-1" in notes
     # every run folder holds the fine-tuned model and its evaluation on the held-out split
     for t in TASKS:
         for init in ("pretrained", "scratch"):

@@ -139,7 +139,7 @@ def test_pretrain_end_to_end_cli_and_plots(tiny_data, tmp_path):
 
 def test_shuffled_image_accuracy_measures_what_the_model_reads_from_the_image(tiny_data):
     from multiway.tokenizers import TextTokenizer, load_vqkd
-    from multiway.train.objectives import masked_accuracy_counts
+    from multiway.train.objectives import masked_accuracy_counts, other_image_order
 
     root, vq = tiny_data
     cfg = _cfg(root, vq, root / "unused", "pair_image_mask_ratio=0.4")
@@ -164,8 +164,13 @@ def test_shuffled_image_accuracy_measures_what_the_model_reads_from_the_image(ti
             return model(**kwargs)
 
         masked_accuracy_counts(recording, {"pair": pair})
-        assert torch.equal(calls[1]["image"], pair["image"].roll(1, 0))
-        assert torch.equal(calls[1]["image_masked_positions"], pair["image_masked_positions"].roll(1, 0))
+        order = other_image_order(pair["image"])
+        assert torch.equal(calls[1]["image"], pair["image"][order])
+        assert torch.equal(calls[1]["image_masked_positions"], pair["image_masked_positions"][order])
+        # captions come several per image: each caption gets the next *different* picture, never its own
+        runs = pair["image"][[0, 0, 0, 1, 1, 2]]
+        assert other_image_order(runs).tolist() == [3, 3, 3, 5, 5, 0]
+        assert other_image_order(pair["image"][[0, 0]]).tolist() == [0, 1]  # one picture only: nothing to swap
         # a model whose masked-text logits depend on the image: rolled images give other predictions
         text_logits, _ = model(image=pair["image"], text_ids=pair["text_ids"], padding_mask=pair["padding_mask"],
                                text_masked_positions=pair["text_masked_positions"])

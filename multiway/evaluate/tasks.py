@@ -398,10 +398,14 @@ def constant_caption_score(spec: TaskSpec, train: Dataset, test: Dataset) -> flo
 
 
 class OtherImages(Dataset):
-    """The examples of ``dataset``, each with the image(s) of the example ``offset`` places on (same text, labels).
+    """The examples of ``dataset``, each with the image(s) of another example (same text, labels).
 
-    A model's score here is what it gets without reading the image: the gap to its real score measures how
-    much it uses the image (a VQA model can score well from the question alone)."""
+    The partner of example ``i`` is the first example from ``i + offset`` on (cyclically) whose image differs from
+    example ``i``'s: in VQA several questions in a row ask about one image, so the next example would often
+    bring back the same picture. A model's score here is what it gets without reading the image: the gap to its
+    real score measures how much it uses the image (a VQA model can score well from the question alone)."""
+
+    _IMAGE_KEYS = ("image", "image2")
 
     def __init__(self, dataset: Dataset, offset: int = 1):
         if len(dataset) < 2:
@@ -411,10 +415,19 @@ class OtherImages(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def _same_images(self, a: dict[str, Any], b: dict[str, Any]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in self._IMAGE_KEYS if k in a)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = dict(self.dataset[index])
-        other = self.dataset[(index + self.offset) % len(self.dataset)]
-        for key in ("image", "image2"):
+        n = len(self.dataset)
+        for step in range(n - 1):
+            other = self.dataset[(index + self.offset + step) % n]
+            if not self._same_images(item, other):
+                break
+        else:
+            raise ValueError(f"OtherImages: every example shows the image(s) of example {index}; nothing to swap in")
+        for key in self._IMAGE_KEYS:
             if key in item:
                 item[key] = other[key]
         return item

@@ -103,13 +103,28 @@ def pair_contrastive_loss(model: nn.Module, s: dict) -> tuple[Tensor, Tensor]:
     return loss, acc
 
 
+def other_image_order(images: Tensor) -> Tensor:
+    """(B,) index of another image for each row: the first row after it (cyclically) whose image differs, or the
+    row itself when every image of the batch is the same. Captions come several per image, so a plain roll by
+    one would mostly pair a caption with its own picture again."""
+    ids = torch.unique(images.flatten(1), dim=0, return_inverse=True)[1]
+    rows = torch.arange(ids.shape[0], device=ids.device)
+    if ids.shape[0] < 2:
+        return rows
+    candidates = (rows[:, None] + rows[None, 1:]) % ids.shape[0]  # (B, B-1): the following rows, nearest first
+    differs = ids[candidates] != ids[:, None]
+    other = candidates.gather(1, differs.float().argmax(1, keepdim=True)).squeeze(1)  # the first that differs
+    return torch.where(differs.any(1), other, rows)
+
+
 @torch.no_grad()
 def masked_accuracy_counts(model: nn.Module, batch: dict) -> dict[str, tuple[int, int]]:
     """``{part: (correct, total)}`` over the masked tokens of a batch (for held-out evaluation).
 
     For the pair stream also ``pair_text_shuffled``: the masked text of each pair predicted beside another pair's
-    image (the batch's images rolled by one, with their image masks when the pair's image is masked too). Its gap to ``pair_text`` is what the model reads from the image; a
-    model that learned only the language of captions scores the same on both."""
+    image (:func:`other_image_order`; with that pair's image mask when pair images are masked too). Its gap to
+    ``pair_text`` is what the model reads from the image; a model that learned only the language of captions
+    scores the same on both."""
     out: dict[str, tuple[int, int]] = {}
     for name in STREAMS:
         s = batch.get(name)
@@ -129,13 +144,14 @@ def masked_accuracy_counts(model: nn.Module, batch: dict) -> dict[str, tuple[int
             t = s[key]
             out[part] = (int((logits.argmax(-1) == t).sum()), int(t.numel()))
         if name == "pair" and s.get("image") is not None and s["image"].shape[0] > 1 and s.get("text_masked_positions") is not None:
-            image_mask = s.get("image_masked_positions")
-            text_logits, _ = model(image=s["image"].roll(1, 0), text_ids=s["text_ids"], padding_mask=s.get("padding_mask"),
-                                   image_masked_positions=None if image_mask is None else image_mask.roll(1, 0),
+            image_mask, order = s.get("image_masked_positions"), other_image_order(s["image"])
+            text_logits, _ = model(image=s["image"][order], text_ids=s["text_ids"], padding_mask=s.get("padding_mask"),
+                                   image_masked_positions=None if image_mask is None else image_mask[order],
                                    text_masked_positions=s["text_masked_positions"])
             t = s["text_targets"]
             out["pair_text_shuffled"] = (int((text_logits.argmax(-1) == t).sum()), int(t.numel()))
     return out
 
 
-__all__ = ["STREAMS", "masked_accuracy_counts", "masked_ce", "mdm_loss", "pair_contrastive_loss", "stream_loss", "unmasked_text"]
+__all__ = ["STREAMS", "masked_accuracy_counts", "masked_ce", "mdm_loss", "other_image_order", "pair_contrastive_loss", "stream_loss",
+           "unmasked_text"]
