@@ -118,7 +118,6 @@ def build_task_model(spec: TaskSpec, cfg: FinetuneConfig, num_classes: int | Non
     """``create_model("<preset>_<head>")`` initialised from ``cfg.init`` (or from scratch)."""
     import multiway
 
-
     kwargs = dict(cfg.model_overrides)
     if num_classes is not None:
         kwargs["num_classes"] = num_classes

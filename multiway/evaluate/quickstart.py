@@ -234,7 +234,8 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
     ensure_visual_tokenizer(pcfg)
     lap("vqkd", t)
     t = time.time()
-    print(f"[quickstart] pretraining {cfg.model} ({cfg.pretrain_steps} steps of masked data modeling on texts, images, pairs)", flush=True)
+    itc = " + image-text contrastive on the pairs" if cfg.pretrain_itc_weight > 0 else ""
+    print(f"[quickstart] pretraining {cfg.model} ({cfg.pretrain_steps} steps of masked data modeling on texts, images, pairs{itc})", flush=True)
     pre_metrics = pretrain(pcfg)
     pretrained = latest_checkpoint(out / "pretrain") / "model.safetensors"
     lap("pretrain", t)
