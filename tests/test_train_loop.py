@@ -82,6 +82,17 @@ def test_two_ranks_ddp_match_one_rank_double_batch(baseline, tmp_path):
     assert_same_losses(baseline, read_metrics(tmp_path))
 
 
+def test_contrastive_loss_over_two_ranks_matches_one_rank_double_batch(tmp_path):
+    """Negatives gathered from both ranks (all_gather with gradients) + DDP averaging = the one-rank batch."""
+    args = {**COMMON, "max_steps": 4, "itc": True}
+    one = run_in_process({**args, "out_dir": str(tmp_path / "one"), "batch_size": 8})
+    proc = run_worker({**args, "out_dir": str(tmp_path / "two"), "batch_size": 4}, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_losses(one, read_metrics(tmp_path / "two"))
+    mdm_only = run_in_process({**args, "itc": False, "out_dir": str(tmp_path / "mdm"), "batch_size": 8})
+    assert losses(mdm_only)[0][1] < losses(one)[0][1] - 1.0  # the contrastive term is in the loss (~2 x log 8)
+
+
 def test_fsdp_two_ranks_killed_and_resumed_matches(baseline, tmp_path):
     """FSDP2 over 2 gloo ranks, both processes killed (os._exit, no cleanup) after step 5 (last checkpoint at 4,
     sharded with torch.distributed.checkpoint), then a new torchrun resumes: the loss sequence equals

@@ -1,6 +1,7 @@
 """Worker for the training-loop tests: a tiny MDM run on synthetic data, launched directly or with torchrun.
 
-Usage: python tests/train_worker.py '<json TrainConfig overrides + "batch_size", "nan_at">'
+Usage: python tests/train_worker.py '<json TrainConfig overrides + "batch_size", "nan_at", "drop_path", "itc">'
+("itc": true adds the image-text contrastive loss, negatives gathered across ranks.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 import multiway
 from multiway.train import MapDatasetTask, TrainConfig, mdm_loss, train
+from multiway.train.objectives import pair_contrastive_loss
 
 CODEBOOK = 64
 TEXT_LEN, TEXT_MASKED, IMAGE_MASKED = 12, 3, 6
@@ -48,6 +50,8 @@ def collate(items: list[dict]) -> dict:
         "text": {"text_ids": ids.masked_fill(tmask, 3), "padding_mask": torch.zeros_like(ids), "text_masked_positions": tmask, "text_targets": ids[tmask]},
         "image": {"image": torch.stack([x["image"] for x in items]), "image_masked_positions": imask, "image_targets": tokens[imask]},
         "index": torch.tensor([x["i"] for x in items]),
+        # the same items as image-text pairs, for the contrastive loss (unmasked ids)
+        "pair": {"image": torch.stack([x["image"] for x in items]), "text_ids": ids, "padding_mask": torch.zeros_like(ids)},
     }
 
 
@@ -56,11 +60,14 @@ def main() -> None:
     batch_size = args.pop("batch_size", 4)
     nan_at = set(args.pop("nan_at", []))
     drop_path = args.pop("drop_path", 0.0)
+    itc = args.pop("itc", False)
     torch.manual_seed(0)
-    model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=CODEBOOK, drop_path_rate=drop_path)
+    model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=CODEBOOK, drop_path_rate=drop_path, contrastive=itc)
 
     def loss_fn(m, batch):
-        loss, logs = mdm_loss(m, batch)
+        loss, logs = mdm_loss(m, {k: v for k, v in batch.items() if k != "pair"})
+        if itc:
+            loss = loss + pair_contrastive_loss(m, batch["pair"])[0]
         if nan_at and any(int(i) in nan_at for i in batch["index"]):
             loss = loss * float("nan")
         return loss, logs
