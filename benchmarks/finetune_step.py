@@ -20,10 +20,10 @@ import argparse
 import json
 import platform
 import resource
-import time
 from pathlib import Path
 
 import torch
+from bench_common import add_step_arguments, seconds_per_call
 
 import multiway
 from multiway.evaluate.tasks import LossOptions, get_task, task_loss
@@ -61,16 +61,7 @@ def bench(model, opt, spec, batch: dict, device: torch.device, amp: bool, steps:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps
+    return seconds_per_call(one, device, steps, warmup)
 
 
 def parse_batches(items: list[str]) -> dict[str, int]:
@@ -89,11 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--batch", nargs="*", default=[], help="per-device batch overrides: vqav2=16 coco_retrieval=192")
     ap.add_argument("--num-answers", type=int, default=3129)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--grad-checkpointing", action="store_true")
-    ap.add_argument("--compile", action="store_true")
+    add_step_arguments(ap)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 

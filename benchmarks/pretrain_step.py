@@ -20,10 +20,10 @@ import argparse
 import json
 import platform
 import resource
-import time
 from pathlib import Path
 
 import torch
+from bench_common import add_step_arguments, seconds_per_call
 
 import multiway
 from multiway.train.objectives import mdm_loss
@@ -76,16 +76,7 @@ def bench(model, opt, batch: dict, device, amp, steps: int, warmup: int) -> floa
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(warmup):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / steps
+    return seconds_per_call(one, device, steps, warmup)
 
 
 def main() -> None:
@@ -94,11 +85,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="samples per stream")
     ap.add_argument("--text-len", type=int, default=32)
     ap.add_argument("--codebook", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--grad-checkpointing", action="store_true")
-    ap.add_argument("--compile", action="store_true")
+    add_step_arguments(ap)
     ap.add_argument("--peak-tflops", type=float, default=None, help="default 989 on CUDA (H100 SXM bf16)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -9,15 +9,19 @@ import pytest
 import multiway
 
 
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
 def _load(name: str):
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    path = BENCHMARKS / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_finetune_step_benchmark_runs_both_tasks(tmp_path, capsys):
+def test_finetune_step_benchmark_runs_both_tasks(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the scripts import their sibling `bench_common`
     bench = _load("finetune_step")
     out = tmp_path / "ft.json"
     result = bench.main(["--size", "tiny", "--steps", "1", "--warmup", "1", "--num-answers", "20",

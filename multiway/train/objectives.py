@@ -92,15 +92,16 @@ def unmasked_text(s: dict) -> Tensor:
     return ids
 
 
-def pair_contrastive_loss(model: nn.Module, s: dict) -> tuple[Tensor, Tensor]:
-    """ITC on a pair stream: (CLIP loss over all ranks, in-batch image-to-text top-1 accuracy), fp32.
+def pair_contrastive_loss(model: nn.Module, s: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """ITC on a pair stream: (CLIP loss over all ranks in fp32, image->text hits (B,), text->image hits (B,)).
 
-    Uses the unmasked image and the original text (masked words restored), each encoded alone by a
-    ``contrastive=True`` :class:`~multiway.BEiT3ForPretraining`."""
+    A hit: the row's own caption (image) is its top-1 among the batch's pairs. Uses the unmasked image and the
+    original text (masked words restored), each encoded alone by a ``contrastive=True``
+    :class:`~multiway.BEiT3ForPretraining`."""
     loss, image_feats, text_feats = model(image=s["image"], text_ids=unmasked_text(s), padding_mask=s.get("padding_mask"), contrastive=True)
     sim = image_feats.detach().float() @ text_feats.detach().float().t()
-    acc = (sim.argmax(1) == torch.arange(sim.shape[0], device=sim.device)).float().mean()
-    return loss, acc
+    target = torch.arange(sim.shape[0], device=sim.device)
+    return loss, sim.argmax(1) == target, sim.argmax(0) == target
 
 
 def other_image_order(images: Tensor) -> Tensor:

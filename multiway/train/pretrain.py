@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..config import load_yaml
 from .loop import TrainConfig, _mix, train
-from .objectives import masked_accuracy_counts, mdm_loss, pair_contrastive_loss, unmasked_text
+from .objectives import masked_accuracy_counts, mdm_loss, pair_contrastive_loss
 
 
 @dataclass
@@ -296,9 +296,9 @@ class PretrainTask:
         batch = {k: (self._targets(v) if isinstance(v, dict) else v) for k, v in batch.items()}
         loss, logs = mdm_loss(model, batch)
         if self.cfg.itc_weight > 0 and batch.get("pair"):
-            itc, acc = pair_contrastive_loss(model, batch["pair"])
+            itc, image_to_text_hits, _ = pair_contrastive_loss(model, batch["pair"])
             loss = loss + self.cfg.itc_weight * itc
-            logs["itc/loss"], logs["itc/acc"] = itc.detach().item(), acc.item()
+            logs["itc/loss"], logs["itc/acc"] = itc.detach().item(), image_to_text_hits.float().mean().item()
         return loss, logs
 
     # -- held-out evaluation --
@@ -342,7 +342,9 @@ class PretrainTask:
             b = {k: self._targets(v) for k, v in b.items()}
             counts = masked_accuracy_counts(model, b)
             if self.cfg.itc_weight > 0 and b.get("pair"):
-                counts.update(_in_batch_retrieval_counts(model, b["pair"]))
+                _, image_to_text, text_to_image = pair_contrastive_loss(model, b["pair"])
+                counts.update(itc_i2t=(int(image_to_text.sum()), image_to_text.numel()),
+                              itc_t2i=(int(text_to_image.sum()), text_to_image.numel()))
             for part, (c, t) in counts.items():
                 correct[part] = correct.get(part, 0) + c
                 total[part] = total.get(part, 0) + t
@@ -363,15 +365,6 @@ class PretrainTask:
             sizes = [len(b["pair"]["image"]) for b in self.eval_batches(device) if b.get("pair")]
             out["itc_chance"] = len(sizes) / max(1, sum(sizes))
         return out
-
-
-def _in_batch_retrieval_counts(model: nn.Module, s: dict) -> dict[str, tuple[int, int]]:
-    """``{"itc_i2t": (correct, n), "itc_t2i": (correct, n)}``: top-1 retrieval among the pairs of one batch."""
-    _, image_feats, text_feats = model(image=s["image"], text_ids=unmasked_text(s), padding_mask=s.get("padding_mask"), contrastive=True)
-    sim = image_feats @ text_feats.t()
-    target = torch.arange(sim.shape[0], device=sim.device)
-    n = int(sim.shape[0])
-    return {"itc_i2t": (int((sim.argmax(1) == target).sum()), n), "itc_t2i": (int((sim.argmax(0) == target).sum()), n)}
 
 
 # --- entry point ----------------------------------------------------------------------------------------
