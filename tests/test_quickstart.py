@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from multiway.evaluate.quickstart import QuickstartConfig, _first_colour, format_table, quickstart
+from multiway.evaluate.quickstart import QuickstartConfig, _first_colour, _write_text_classification, format_table, quickstart
 
 TASKS = ["imagenet", "vqav2", "nlvr2", "coco_retrieval", "coco_captioning", "text_classification"]
 
@@ -47,6 +47,19 @@ def test_quickstart_fast(tmp_path):
     for line in lines[1:]:
         text, label = line.rsplit(",", 1)
         assert _first_colour(text.strip('"')) == label
+    # few-shot: at most text_train_per_class labelled captions per colour, drawn from all of them; val/test whole
+    labels = [line.rsplit(",", 1)[1] for line in lines[1:]]
+    assert max(labels.count(c) for c in set(labels)) <= QuickstartConfig.preset("fast").text_train_per_class
+    _write_text_classification(data)  # every caption
+    everything = (data / "text_classification.train.csv").read_text().splitlines()
+    assert set(lines) < set(everything)
+    test_lines = (data / "text_classification.test.csv").read_text().splitlines()
+    _write_text_classification(data, train_per_class=3, seed=1)
+    again = (data / "text_classification.train.csv").read_text().splitlines()
+    assert (data / "text_classification.test.csv").read_text().splitlines() == test_lines
+    assert set(again) < set(everything) and all([x.rsplit(",", 1)[1] for x in again].count(c) == 3 for c in set(labels))
+    _write_text_classification(data, train_per_class=3, seed=1)
+    assert (data / "text_classification.train.csv").read_text().splitlines() == again  # seeded
 
 
 def test_quickstart_config_presets_and_overrides(tmp_path):

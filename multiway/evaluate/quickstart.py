@@ -74,6 +74,9 @@ class QuickstartConfig:
     pretrain_pair_image_mask: float = 0.4
     # image-text contrastive loss on the pairs beside masked data modeling (PretrainConfig.itc_weight)
     pretrain_itc_weight: float = 1.0
+    # text classification: labelled training captions per class (None: all 2400). With all of them both columns
+    # reach 100%; with a few, what the language encoder learned in pretraining shows (4 per class: 94.7 vs 90.0)
+    text_train_per_class: int | None = 8
     # fine-tuning
     max_text_len: int = 24
     num_beams: int = 2
@@ -148,19 +151,30 @@ def _first_colour(text: str) -> str | None:
     return None
 
 
-def _write_text_classification(data: Path, per_image: int = 2) -> None:
+def _write_text_classification(data: Path, per_image: int = 2, train_per_class: int | None = None, seed: int = 0) -> None:
     """Our text task on the built-in data: which colour does a caption name first (8 classes)?
 
     Every caption names a colour; the test captions describe scenes with held-out colour-shape pairs
-    ("a red triangle"), so the classifier must read the colour word in new contexts."""
+    ("a red triangle"), so the classifier must read the colour word in new contexts. ``train_per_class``: keep
+    that many training captions per colour (a seeded draw), the few-shot setting where a pretrained language
+    encoder matters; None keeps all."""
     coco = json.loads((data / "dataset_coco.json").read_text())
-    rows: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    rows: dict[str, list[tuple[str, str]]] = {"train": [], "val": [], "test": []}
     for img in coco["images"]:
         for sent in img["sentences"][:per_image]:
             label = _first_colour(sent["raw"])
             if label is not None:
-                rows[img["split"]].append('"{}",{}'.format(sent["raw"].replace('"', "'"), label))
-    for split, lines in rows.items():
+                rows[img["split"]].append((sent["raw"].replace('"', "'"), label))
+    if train_per_class is not None:
+        random.Random(seed).shuffle(rows["train"])
+        per_label: dict[str, list[tuple[str, str]]] = {}
+        for text, label in rows["train"]:
+            kept = per_label.setdefault(label, [])
+            if len(kept) < train_per_class:
+                kept.append((text, label))
+        rows["train"] = [r for kept in per_label.values() for r in kept]
+    for split, pairs in rows.items():
+        lines = ['"{}",{}'.format(text, label) for text, label in pairs]
         (data / f"text_classification.{split}.csv").write_text("text,label\n" + "\n".join(lines) + "\n")
 
 
@@ -224,7 +238,7 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
     data = generate_synthetic_dataset(out / "data", img_size=cfg.img_size, seed=seed, num_images=cfg.num_images,
                                       num_pairs=cfg.num_pairs, imagenet_per_class=cfg.imagenet_per_class,
                                       vocab_size=cfg.vocab_size, progress=cfg.progress)
-    _write_text_classification(data)
+    _write_text_classification(data, train_per_class=cfg.text_train_per_class, seed=seed)
     spm = data / "shapes.spm"
     lap("data", t)
 
