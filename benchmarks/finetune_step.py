@@ -1,7 +1,7 @@
 """Speed and memory of a fine-tuning step: VQAv2 (fusion encoder) and COCO retrieval (dual encoder).
 
 One step is forward + backward + AdamW update of the task model through the task's own loss
-(:func:`multiway.evaluate.tasks.task_loss`: BCE over the answer vocabulary for VQA, the CLIP loss for retrieval) on
+(:func:`multiway.downstream.tasks.task_loss`: BCE over the answer vocabulary for VQA, the CLIP loss for retrieval) on
 synthetic tensors (no data loading), at the official recipes' resolutions: VQAv2 at 480 px with 3129 answers
 and 32-token questions, retrieval at 384 px with 64-token captions. bf16 autocast + SDPA on CUDA, fp32 on CPU.
 
@@ -26,7 +26,7 @@ import torch
 from bench_common import add_step_arguments, seconds_per_call
 
 import multiway
-from multiway.evaluate.tasks import LossOptions, get_task, task_loss
+from multiway.downstream.tasks import LossOptions, get_task, task_loss
 from multiway.train.optim import param_groups
 
 # task -> (model suffix, image size for base/large, text length, default batch per device)

@@ -16,7 +16,7 @@ COMMAND_MODULES = (
     "multiway.tokenizers.cli",
     "multiway.data.cli",
     "multiway.train.cli",
-    "multiway.evaluate.cli",
+    "multiway.downstream.cli",
     "multiway.meter.cli",
 )
 

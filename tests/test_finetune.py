@@ -8,10 +8,10 @@ import torch
 import multiway
 from conftest import GOLDEN_CONFIG, golden_meta, load_golden
 from downstream_data import write_downstream_data
-from multiway.evaluate import metrics
-from multiway.evaluate.finetune import FinetuneConfig, evaluate, finetune
-from multiway.evaluate.losses import captioning_loss, vqa_loss
-from multiway.evaluate.tasks import (TASKS, EvalOptions, LossOptions, OtherImages, build_dataset, collate, evaluate_model,
+from multiway.downstream import metrics
+from multiway.downstream.finetune import FinetuneConfig, evaluate, finetune
+from multiway.downstream.losses import captioning_loss, vqa_loss
+from multiway.downstream.tasks import (TASKS, EvalOptions, LossOptions, OtherImages, build_dataset, collate, evaluate_model,
                                     task_loss)
 from multiway.tokenizers.text import TextTokenizer
 from multiway.tokenizers.text import train_text_tokenizer

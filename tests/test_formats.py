@@ -279,7 +279,7 @@ def test_training_crop_and_flip_can_be_turned_off(tmp_path):
     from PIL import Image
 
     from multiway.data.transforms import build_transform
-    from multiway.evaluate.tasks import build_dataset, get_task
+    from multiway.downstream.tasks import build_dataset, get_task
 
     arr = np.zeros((16, 16, 3), dtype=np.uint8)
     arr[:, :4] = 255  # white stripe on the left

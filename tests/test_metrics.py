@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from multiway.evaluate.metrics import (
+from multiway.downstream.metrics import (
     caption_metrics,
     java_available,
     normalize_vqa_answer,

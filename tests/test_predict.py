@@ -7,7 +7,7 @@ import torch
 
 import multiway
 from downstream_data import write_downstream_data
-from multiway.evaluate import predict as P
+from multiway.downstream import predict as P
 from multiway.tokenizers.text import train_text_tokenizer
 
 

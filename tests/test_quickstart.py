@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from multiway.evaluate.quickstart import QuickstartConfig, _first_colour, _write_text_classification, format_table, quickstart
+from multiway.downstream.quickstart import QuickstartConfig, _first_colour, _write_text_classification, format_table, quickstart
 
 TASKS = ["imagenet", "vqav2", "nlvr2", "coco_retrieval", "coco_captioning", "text_classification"]
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from multiway.data.masking import mask_captioning
-from multiway.evaluate.metrics import normalize_vqa_answer, vqa_soft_score
+from multiway.downstream.metrics import normalize_vqa_answer, vqa_soft_score
 
 BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
 VQA_NUM_LABELS = 3129  # the official head size

@@ -7,7 +7,7 @@ Batches use BEiT-3's field names, so the same datasets and collate functions fee
 * VQA: + ``labels (B, num_labels)`` soft VQA scores;
 * NLVR2: ``image``, ``image2``, text, ``label (B,)``.
 
-Metrics come from :mod:`multiway.evaluate.metrics` (VQA score, accuracy, retrieval R@K, COCO caption metrics).
+Metrics come from :mod:`multiway.downstream.metrics` (VQA score, accuracy, retrieval R@K, COCO caption metrics).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.masking import IGNORE_INDEX
-from ..evaluate.metrics import caption_metrics, retrieval_recall, vqa_score
+from ..downstream.metrics import caption_metrics, retrieval_recall, vqa_score
 from ..train.loop import MapDatasetTask
 from .config import ObjectiveConfig
 from .model import METERForCaptioning, METERForNLVR2, METERForPretraining, METERForRetrieval, METERForVQA

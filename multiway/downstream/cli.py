@@ -1,4 +1,4 @@
-"""``multiway finetune | evaluate | predict | quickstart`` — thin wrappers over :mod:`multiway.evaluate`."""
+"""``multiway finetune | evaluate | predict | quickstart`` — thin wrappers over :mod:`multiway.downstream`."""
 
 from __future__ import annotations
 

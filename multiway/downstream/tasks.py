@@ -2,7 +2,7 @@
 
 A task is described by a :class:`TaskSpec` in :data:`TASKS`; :func:`build_dataset` reads its index files and
 :func:`task_loss` / :func:`evaluate_model` run the official losses and metrics. Fine-tuning
-(:func:`multiway.evaluate.finetune.finetune`) and ``multiway evaluate`` are built from these pieces.
+(:func:`multiway.downstream.finetune.finetune`) and ``multiway evaluate`` are built from these pieces.
 
 Data layout (``data_dir``) — the official BEiT-3 jsonl indexes (§5 of the reference); image paths are relative
 to ``data_dir``; ``text_segment`` is a string or token ids without specials:
