@@ -19,8 +19,7 @@ from pathlib import Path
 
 import torch
 
-from multiway.data import (ImageStream, PairStream, PretrainTransform, TextStream, collate_batch, create_dataset,
-                           generate_synthetic_dataset)
+from multiway.data import ImageStream, PairStream, PretrainTransform, TextStream, collate_batch, create_dataset, generate_synthetic_dataset
 from multiway.tokenizers import TextTokenizer
 
 

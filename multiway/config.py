@@ -91,7 +91,7 @@ class MultiwayConfig:
         """CLS + patches."""
         return self.num_patches + 1
 
-    def replace(self, **overrides: Any) -> "MultiwayConfig":
+    def replace(self, **overrides: Any) -> MultiwayConfig:
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown config field(s) {sorted(unknown)}; valid fields: {sorted(self.to_dict())}")
@@ -101,7 +101,7 @@ class MultiwayConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MultiwayConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MultiwayConfig:
         check_fields(cls, d, "config")
         optional = {f.name for f in dataclasses.fields(cls) if "None" in str(f.type)}
         return cls(**{k: v if v is None and k in optional else _coerce(k, v, type(getattr(cls, k))) for k, v in d.items()})
@@ -110,7 +110,7 @@ class MultiwayConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_json(cls, s: str) -> "MultiwayConfig":
+    def from_json(cls, s: str) -> MultiwayConfig:
         return cls.from_dict(json.loads(s))
 
     def save(self, path: str | Path) -> None:
@@ -120,7 +120,7 @@ class MultiwayConfig:
         path.write_text(text)
 
     @classmethod
-    def load(cls, path: str | Path) -> "MultiwayConfig":
+    def load(cls, path: str | Path) -> MultiwayConfig:
         path = Path(path)
         data = load_yaml(path.read_text())  # YAML is a superset of JSON
         if not isinstance(data, dict):

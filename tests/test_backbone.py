@@ -4,11 +4,11 @@ import ast
 
 import pytest
 import torch
+from conftest import FIXTURES
 
 import multiway
 from multiway.config import PRESETS, MultiwayConfig
 from multiway.model import MultiwayTransformer, image_to_text_mask
-from conftest import FIXTURES
 
 TINY = "beit3_tiny_patch8_32"
 

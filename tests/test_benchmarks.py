@@ -8,7 +8,6 @@ import pytest
 
 import multiway
 
-
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 

@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import torch
+from conftest import GOLDEN_CONFIG, load_golden
 
 import multiway
 from multiway.model.checkpoints import CheckpointError
 from multiway.model.multiway import interpolate_vision_positions
-from conftest import GOLDEN_CONFIG, load_golden
 
 
 def golden_model(task="", **kw):

@@ -4,17 +4,15 @@ import json
 
 import pytest
 import torch
-
-import multiway
 from conftest import GOLDEN_CONFIG, golden_meta, load_golden
 from downstream_data import write_downstream_data
+
+import multiway
 from multiway.downstream import metrics
 from multiway.downstream.finetune import FinetuneConfig, evaluate, finetune
 from multiway.downstream.losses import captioning_loss, vqa_loss
-from multiway.downstream.tasks import (TASKS, EvalOptions, LossOptions, OtherImages, build_dataset, collate, evaluate_model,
-                                    task_loss)
-from multiway.tokenizers.text import TextTokenizer
-from multiway.tokenizers.text import train_text_tokenizer
+from multiway.downstream.tasks import TASKS, EvalOptions, LossOptions, OtherImages, build_dataset, collate, evaluate_model, task_loss
+from multiway.tokenizers.text import TextTokenizer, train_text_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ restatement of the official loop, beam 1 == greedy, cached == uncached, batched 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import GOLDEN_CONFIG, load_golden
 
 import multiway
-from conftest import GOLDEN_CONFIG, load_golden
 from multiway.model.generation import _Stepper, beam_search, generate, greedy_search
 
 MASK_ID = 999  # golden captioner (vocab 1000)

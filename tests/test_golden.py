@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import GOLDEN_CONFIG, golden_meta, load_golden
 
 import multiway
-from conftest import GOLDEN_CONFIG, golden_meta, load_golden
 
 TOL = 1e-5
 

@@ -13,7 +13,6 @@ from multiway.meter.config import FusionConfig, MeterConfig, TextEncoderConfig, 
 from multiway.meter.encoders import TextEncoder, VisionEncoder
 from multiway.meter.model import METERForCaptioning, METERForNLVR2, METERForRetrieval, METERForVQA, METERModel
 
-
 # Tiny METER models run fastest on one intra-op thread (see conftest.one_thread).
 pytestmark = pytest.mark.usefixtures("one_thread")
 

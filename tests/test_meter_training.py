@@ -17,7 +17,14 @@ from multiway.data.masking import IGNORE_INDEX
 from multiway.meter.config import OptimConfig, tiny_config
 from multiway.meter.model import METERForPretraining
 from multiway.meter.objectives import (
-    TextSpec, mask_pixels, mim_mask, patch_pixel_targets, pretraining_loss, sample_negative_images, span_corrupt, whole_word_mask,
+    TextSpec,
+    mask_pixels,
+    mim_mask,
+    patch_pixel_targets,
+    pretraining_loss,
+    sample_negative_images,
+    span_corrupt,
+    whole_word_mask,
 )
 from multiway.meter.optim import meter_param_groups, train_config
 from multiway.train import linear_lr, train
@@ -185,7 +192,7 @@ CELLS = [
 
 
 def test_every_cell_trains_and_evaluates(builtin, tmp_path):
-    from multiway.meter.study import ENCODERS, OBJECTIVES, StudyConfig, load_study_data, pretrain_text_encoder, run_cell, cell_config
+    from multiway.meter.study import ENCODERS, OBJECTIVES, StudyConfig, cell_config, load_study_data, pretrain_text_encoder, run_cell
 
     covered = {i: {c[i] for c in CELLS} for i in range(4)}
     assert covered[0] == {"co_attention", "merged_attention"} and covered[1] == {"encoder_only", "encoder_decoder"}

@@ -4,9 +4,9 @@
 import numpy as np
 import pytest
 import torch
+from downstream_data import write_downstream_data
 
 import multiway
-from downstream_data import write_downstream_data
 from multiway.downstream import predict as P
 from multiway.tokenizers.text import train_text_tokenizer
 

@@ -7,12 +7,12 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURES
 from safetensors import safe_open
 from safetensors.torch import load_file
 
 import multiway
 from multiway.model import image_to_text_mask
-from conftest import FIXTURES
 
 PATH = FIXTURES / "torchscale_check.safetensors"
 

@@ -6,8 +6,18 @@ import numpy as np
 import pytest
 
 from multiway.data.formats import collate_batch, create_dataset
-from multiway.data.shapes import (COLOURS, HELD_OUT, SHAPES, Obj, Scene, captions, generate_synthetic_dataset,
-                                  render_scene, sample_scene, statement_pair)
+from multiway.data.shapes import (
+    COLOURS,
+    HELD_OUT,
+    SHAPES,
+    Obj,
+    Scene,
+    captions,
+    generate_synthetic_dataset,
+    render_scene,
+    sample_scene,
+    statement_pair,
+)
 from multiway.tokenizers.text import TextTokenizer
 
 SMALL = dict(num_images=40, img_size=32, num_pairs=20, imagenet_per_class=2, vocab_size=200, shard_size=16,

@@ -20,8 +20,9 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -590,7 +591,7 @@ def build_imagenet_index(data_dir: str | os.PathLike, train_dir: str = "train", 
         raise FileNotFoundError(f"ImageNet train folder not found: {train_root}")
     classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
     label = {c: i for i, c in enumerate(classes)}
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".jpeg"}
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
     counts = {}
     for name, sub in (("train", train_dir), ("val", val_dir)):
         root = data_dir / sub

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class BlockMaskingGenerator:
         self.exact = exact
 
     @classmethod
-    def from_ratio(cls, input_size: int | tuple[int, int], ratio: float = 0.4, **kwargs) -> "BlockMaskingGenerator":
+    def from_ratio(cls, input_size: int | tuple[int, int], ratio: float = 0.4, **kwargs) -> BlockMaskingGenerator:
         h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
         return cls((h, w), int(round(ratio * h * w)), **kwargs)
 

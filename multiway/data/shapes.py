@@ -351,9 +351,14 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 200
     """
     from tqdm import tqdm
 
-    from multiway.data.formats import (build_coco_captioning_index, build_imagenet_index,
-                                       build_karpathy_retrieval_index, build_nlvr2_index, build_vqa_index,
-                                       write_jsonl)
+    from multiway.data.formats import (
+        build_coco_captioning_index,
+        build_imagenet_index,
+        build_karpathy_retrieval_index,
+        build_nlvr2_index,
+        build_vqa_index,
+        write_jsonl,
+    )
     from multiway.tokenizers.text import TextTokenizer, train_text_tokenizer
 
     params = SynthParams(num_images, num_pairs, imagenet_per_class, img_size, seed, vocab_size, shard_size)

@@ -5,7 +5,7 @@ All transforms take a PIL image and return a float tensor (3, S, S).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torchvision.transforms import v2

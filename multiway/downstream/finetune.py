@@ -72,7 +72,7 @@ class FinetuneConfig:
         get_task(self.task)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, **overrides: Any) -> "FinetuneConfig":
+    def load(cls, path: str | os.PathLike, **overrides: Any) -> FinetuneConfig:
         data = load_yaml(Path(path).read_text()) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of FinetuneConfig fields")

@@ -22,8 +22,8 @@ import os
 import re
 import shutil
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -312,7 +312,7 @@ class SearchIndex:
         return save_embeddings(path, self.embeddings, self.paths)[0]
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "SearchIndex":
+    def load(cls, path: str | os.PathLike) -> SearchIndex:
         base = Path(path).with_suffix("")
         emb = np.load(base.with_suffix(".npy"))
         paths = base.with_suffix(".txt").read_text().splitlines()

@@ -85,13 +85,13 @@ class QuickstartConfig:
     progress: bool = True
 
     @classmethod
-    def preset(cls, name: str = "full") -> "QuickstartConfig":
+    def preset(cls, name: str = "full") -> QuickstartConfig:
         if name not in PRESETS:
             raise KeyError(f"unknown quickstart preset {name!r}; choose from {sorted(PRESETS)}")
         base = copy.deepcopy(PRESETS[name])
         return cls(**{**base, "tasks": {t: TaskPlan(**p) for t, p in base["tasks"].items()}})
 
-    def update(self, overrides: dict[str, Any]) -> "QuickstartConfig":
+    def update(self, overrides: dict[str, Any]) -> QuickstartConfig:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = set(overrides) - names
         if unknown:
@@ -175,7 +175,7 @@ def _write_text_classification(data: Path, per_image: int = 2, train_per_class: 
                 kept.append((text, label))
         rows["train"] = [r for kept in per_label.values() for r in kept]
     for split, pairs in rows.items():
-        lines = ['"{}",{}'.format(text, label) for text, label in pairs]
+        lines = [f'"{text}",{label}' for text, label in pairs]
         (data / f"text_classification.{split}.csv").write_text("text,label\n" + "\n".join(lines) + "\n")
 
 
@@ -207,12 +207,12 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
                config: QuickstartConfig | str | os.PathLike | None = None) -> list[Row]:
     """Run the whole demo; returns the table rows. ``fast``: the smoke preset (tiny data, a few steps).
     ``config``: a :class:`QuickstartConfig`, or a YAML file of overrides on the preset."""
+    import multiway
+
     from ..data.shapes import generate_synthetic_dataset
     from ..tokenizers.text import TextTokenizer
     from ..train import latest_checkpoint
     from ..train.pretrain import ensure_visual_tokenizer, pretrain
-    import multiway
-
     from .tasks import TASKS, EvalOptions, OtherImages, build_dataset, chance_level, constant_caption_score, evaluate_model
 
     if isinstance(config, QuickstartConfig):

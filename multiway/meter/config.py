@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
 from ..config import check_fields, load_yaml
 
 VISION_KINDS = ("timm", "multiway")
@@ -183,11 +184,11 @@ class MeterConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MeterConfig":
+    def from_dict(cls, d: dict[str, Any]) -> MeterConfig:
         check_fields(cls, d, "METER config")
         return cls(**d)
 
-    def replace(self, **overrides: Any) -> "MeterConfig":
+    def replace(self, **overrides: Any) -> MeterConfig:
         """Copy with overrides; nested fields by dotted name: ``replace(**{"fusion.kind": "merged_attention"})``."""
         d = self.to_dict()
         for key, value in overrides.items():
@@ -206,7 +207,7 @@ class MeterConfig:
         Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
 
     @classmethod
-    def load(cls, path: str | Path) -> "MeterConfig":
+    def load(cls, path: str | Path) -> MeterConfig:
         data = load_yaml(Path(path).read_text())
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of METER config fields")

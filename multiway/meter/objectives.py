@@ -44,7 +44,7 @@ class TextSpec:
     word_start: Tensor = field(repr=False)
 
     @classmethod
-    def from_tokenizer(cls, tok: Any) -> "TextSpec":
+    def from_tokenizer(cls, tok: Any) -> TextSpec:
         """From multiway's :class:`~multiway.tokenizers.TextTokenizer` or a ``transformers`` tokenizer."""
         if hasattr(tok, "sp"):  # multiway TextTokenizer (SentencePiece, XLM-R ids)
             starts = torch.ones(tok.vocab_size, dtype=torch.bool)

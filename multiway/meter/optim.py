@@ -42,7 +42,7 @@ def meter_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict[str, A
         if not p.requires_grad:
             continue
         level = lr_level(name, wrapped)
-        decay = p.ndim > 1 and not name.rsplit(".", 1)[-1] in NO_DECAY_LEAVES and "norm" not in name.lower()
+        decay = p.ndim > 1 and name.rsplit(".", 1)[-1] not in NO_DECAY_LEAVES and "norm" not in name.lower()
         key = (level, decay)
         if key not in groups:
             groups[key] = {

@@ -97,7 +97,7 @@ class StudyConfig:
                 raise ValueError(f"study {option}: {bad} not supported; accepted values: {', '.join(accepted)}")
 
     @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> "StudyConfig":
+    def load(cls, path: str | Path, **overrides: Any) -> StudyConfig:
         data = load_yaml(Path(path).read_text()) or {}
         data = data.get("study", data)
         names = {f.name for f in dataclasses.fields(cls)}

@@ -12,7 +12,8 @@ Metrics come from :mod:`multiway.downstream.metrics` (VQA score, accuracy, retri
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -96,7 +96,7 @@ class KVCache:
         self.values = [v.index_select(0, index) for v in self.values]
 
     @classmethod
-    def from_incremental_state(cls, state: dict, num_layers: int) -> "KVCache":
+    def from_incremental_state(cls, state: dict, num_layers: int) -> KVCache:
         """Read the official ``incremental_state`` layout: ``{layer: {"prev_key": (B,H,L,hd), "prev_value": ...}}``."""
         cache = cls(num_layers)
         for i in range(num_layers):

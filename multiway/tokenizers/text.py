@@ -13,8 +13,8 @@ alone, so transformers is not needed at run time.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 

@@ -22,14 +22,16 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
 from ..config import check_fields
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,7 +72,7 @@ class VQKDConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VQKDConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VQKDConfig:
         check_fields(cls, d)
         return cls(**d)
 

@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/pretrain_tiny", max_steps=300))
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PretrainConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
         d = dict(d)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
