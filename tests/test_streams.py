@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from multiway.data.formats import DataError, collate_batch
+from multiway.data.formats import collate_batch
+from multiway.data.io import DataError
 from multiway.data.streams import ImageStream, PairStream, TextStream, expand_source
 from multiway.data.transforms import PretrainTransform
 from multiway.tokenizers.text import TextTokenizer, train_text_tokenizer

@@ -3,13 +3,17 @@
 from .formats import (
     DATASETS,
     CaptioningDataset,
-    DataError,
-    DataErrors,
     ImageNetDataset,
     IndexDataset,
     NLVR2Dataset,
     RetrievalDataset,
     VQAv2Dataset,
+    collate_batch,
+    create_dataset,
+)
+from .io import DataError, DataErrors, index_files, load_image, read_jsonl, write_jsonl
+from .masking import IGNORE_INDEX, BlockMaskingGenerator, mask_captioning, mask_text
+from .raw_indexes import (
     build_coco_captioning_index,
     build_imagenet_index,
     build_karpathy_retrieval_index,
@@ -17,14 +21,8 @@ from .formats import (
     build_nocaps_index,
     build_vqa_index,
     build_vqav2_index,
-    collate_batch,
-    create_dataset,
-    index_files,
     read_answer2label,
-    read_jsonl,
-    write_jsonl,
 )
-from .masking import IGNORE_INDEX, BlockMaskingGenerator, mask_captioning, mask_text
 from .shapes import HELD_OUT, generate_synthetic_dataset
 from .streams import ImageStream, PairStream, TextStream, expand_source, reader_info
 from .transforms import PretrainTransform, build_imagenet_transform, build_transform
@@ -35,6 +33,6 @@ __all__ = [
     "RetrievalDataset", "TextStream", "VQAv2Dataset", "build_coco_captioning_index", "build_imagenet_index",
     "build_imagenet_transform", "build_karpathy_retrieval_index", "build_nlvr2_index", "build_nocaps_index",
     "build_transform", "build_vqa_index", "build_vqav2_index", "collate_batch", "create_dataset", "expand_source",
-    "generate_synthetic_dataset", "index_files", "mask_captioning", "mask_text", "read_answer2label", "read_jsonl",
-    "reader_info", "write_jsonl",
+    "generate_synthetic_dataset", "index_files", "load_image", "mask_captioning", "mask_text", "read_answer2label",
+    "read_jsonl", "reader_info", "write_jsonl",
 ]

@@ -28,7 +28,7 @@ def _show(counts: dict) -> int:
 
 
 def _index(args: argparse.Namespace) -> int:
-    from multiway.data import formats as f
+    from multiway.data import raw_indexes as f
 
     task = args.index_task
     if task in ("coco-retrieval", "flickr30k"):

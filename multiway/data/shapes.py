@@ -351,13 +351,13 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 200
     """
     from tqdm import tqdm
 
-    from multiway.data.formats import (
+    from multiway.data.io import write_jsonl
+    from multiway.data.raw_indexes import (
         build_coco_captioning_index,
         build_imagenet_index,
         build_karpathy_retrieval_index,
         build_nlvr2_index,
         build_vqa_index,
-        write_jsonl,
     )
     from multiway.tokenizers.text import TextTokenizer, train_text_tokenizer
 

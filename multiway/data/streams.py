@@ -17,7 +17,7 @@ readers, whole files are dealt out (file ``i`` goes to reader ``i % readers``); 
 files and keeps samples ``i % readers``. Either way each sample is read by exactly one reader per epoch.
 
 Broken input (unreadable shard, corrupt image, malformed line, missing field) follows ``on_error`` as in
-:mod:`multiway.data.formats`: ``"raise"`` raises :class:`DataError` naming the file (and member or line);
+:mod:`multiway.data.io`: ``"raise"`` raises :class:`DataError` naming the file (and member or line);
 ``"skip"`` skips it, counts it in ``stream.errors`` and, when a reader finishes, warns with the count and the
 first few names (from inside the dataloader worker that met them).
 """
@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from multiway.data.formats import DataError, DataErrors
+from multiway.data.io import DataError, DataErrors
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 TEXT_KEYS = ("text", "caption", "text_segment")
