@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from multiway.constants import BOS_ID, EOS_ID, PAD_ID, VQA_ANSWER_FILE
-from multiway.data.io import DataError, DataErrors, index_files, load_image, read_jsonl
+from multiway.data.io import DataError, DataErrors, ImageError, index_files, load_image, read_jsonl
 from multiway.data.masking import mask_captioning
 from multiway.data.raw_indexes import read_answer2label
 
@@ -69,10 +69,10 @@ class IndexDataset(torch.utils.data.Dataset, abc.ABC):
         path = self.data_dir / rel
         try:
             img = load_image(path)
-        except FileNotFoundError:
-            raise DataError(f"{item['_where']}: image not found: {path}") from None
-        except Exception as e:  # PIL raises several types for corrupt or truncated files
-            raise DataError(f"{item['_where']}: cannot read image {path}: {type(e).__name__}: {e}") from e
+        except ImageError as e:
+            if e.missing:
+                raise DataError(f"{item['_where']}: image not found: {path}") from None
+            raise DataError(f"{item['_where']}: cannot read image {path}: {e.reason}") from None
         return self.transform(img)
 
     def _text(self, item: dict[str, Any]) -> tuple[list[int], list[int], int]:

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from multiway.data.io import DataError, DataErrors
+from multiway.data.io import DataError, DataErrors, ImageError, iter_lines, load_image, parse_json_object
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 TEXT_KEYS = ("text", "caption", "text_segment")
@@ -110,27 +110,20 @@ class _Stream(torch.utils.data.IterableDataset, abc.ABC):
         if suffix == ".tar":
             yield from self._tar_records(path)
         elif suffix == ".jsonl":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    where = f"{path}:{lineno}"
-                    try:
-                        item = json.loads(line)
-                        if not isinstance(item, dict):
-                            raise ValueError("not a JSON object")
-                    except ValueError as e:
-                        yield where, {"_error": f"malformed JSON line ({e})"}
-                        continue
-                    rec = dict(item)
-                    if "image_path" in rec:
-                        rec["image_file"] = path.parent / rec["image_path"]
-                    yield where, rec
+            for lineno, line, bad in iter_lines(path):
+                item, bad = parse_json_object(line) if bad is None else (None, bad)
+                where = f"{path}:{lineno}"
+                if item is None:
+                    yield where, {"_error": bad}
+                elif "image_path" in item and not isinstance(item["image_path"], str):
+                    yield where, {"_error": f"image_path must be a string, got {type(item['image_path']).__name__}"}
+                else:
+                    if "image_path" in item:
+                        item["image_file"] = path.parent / item["image_path"]
+                    yield where, item
         elif suffix == ".txt":
-            with open(path, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if line.strip():
-                        yield f"{path}:{lineno}", {"text": line.rstrip("\n")}
+            for lineno, line, bad in iter_lines(path):
+                yield f"{path}:{lineno}", ({"_error": bad} if bad is not None else {"text": line})
         elif suffix.lstrip(".") in IMAGE_EXTS:
             yield str(path), {"image_file": path}
         else:
@@ -214,34 +207,45 @@ class _Stream(torch.utils.data.IterableDataset, abc.ABC):
 
     @staticmethod
     def _image(where: str, rec: dict[str, Any]):
-        from PIL import Image
-
         try:
             if "image_file" in rec:
-                with Image.open(rec["image_file"]) as im:
-                    return im.convert("RGB")
+                return load_image(rec["image_file"], where=str(rec["image_file"]))
             for ext in IMAGE_EXTS:
                 if ext in rec:
-                    with Image.open(io.BytesIO(rec[ext])) as im:
-                        return im.convert("RGB")
-        except FileNotFoundError:
-            raise DataError(f"{where}: image not found: {rec.get('image_file')}") from None
-        except Exception as e:
-            raise DataError(f"{where}: cannot read image: {type(e).__name__}: {e}") from e
+                    return load_image(rec[ext], where=f"{where}.{ext}")
+        except ImageError as e:
+            if e.missing:
+                raise DataError(f"{where}: image not found: {rec.get('image_file')}") from None
+            raise DataError(f"{where}: cannot read image: {e.reason}") from None
         raise DataError(f"{where}: no image (expected one of {IMAGE_EXTS} or image_path)")
+
+    @staticmethod
+    def _json_member(where: str, rec: dict[str, Any]) -> dict[str, Any]:
+        """The shard's ``.json`` member as a dict (empty without one); malformed JSON is a :class:`DataError`."""
+        if "json" not in rec:
+            return {}
+        try:
+            meta = json.loads(rec["json"])
+        except (ValueError, RecursionError) as e:  # JSONDecodeError and bad UTF-8 are ValueErrors
+            raise DataError(f"{where}: malformed .json member ({e})") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{where}: .json member must hold a JSON object, got {type(meta).__name__}")
+        return meta
 
     @staticmethod
     def _text(where: str, rec: dict[str, Any]) -> str | list[int]:
         if "txt" in rec:
-            return rec["txt"].decode("utf-8").strip()
+            try:
+                return rec["txt"].decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: .txt member is not UTF-8 ({e})") from None
+        meta = {k: rec[k] for k in TEXT_KEYS if k in rec} or _Stream._json_member(where, rec)
         for k in TEXT_KEYS:
-            if k in rec and rec[k] is not None:
-                return rec[k]
-        if "json" in rec:
-            meta = json.loads(rec["json"])
-            for k in TEXT_KEYS:
-                if k in meta:
-                    return meta[k]
+            if meta.get(k) is not None:
+                text = meta[k]
+                if isinstance(text, str) or (isinstance(text, list) and all(type(t) is int for t in text)):
+                    return text
+                raise DataError(f"{where}: {k} must be a string or a list of token ids, got {type(text).__name__}")
         raise DataError(f"{where}: no text (expected a .txt member or one of {TEXT_KEYS})")
 
     @staticmethod
@@ -251,10 +255,16 @@ class _Stream(torch.utils.data.IterableDataset, abc.ABC):
                 return torch.from_numpy(np.load(io.BytesIO(rec["visual_tokens.npy"])).astype(np.int64)).flatten()
             except Exception as e:
                 raise DataError(f"{where}: bad visual_tokens.npy: {e}") from e
-        vt = rec.get("visual_tokens")
-        if vt is None and "json" in rec:
-            vt = json.loads(rec["json"]).get("visual_tokens")
-        return None if vt is None else torch.tensor(vt, dtype=torch.long).flatten()
+        vt = rec["visual_tokens"] if "visual_tokens" in rec else _Stream._json_member(where, rec).get("visual_tokens")
+        if vt is None:
+            return None
+        try:
+            arr = np.asarray(vt)
+        except ValueError:  # ragged nesting
+            arr = np.asarray(None)
+        if arr.dtype.kind not in "iu" or arr.size == 0:
+            raise DataError(f"{where}: visual_tokens must be a non-empty (nested) list of ints, got {str(vt)[:40]}")
+        return torch.from_numpy(arr.astype(np.int64)).flatten()
 
     @staticmethod
     def _apply(transform: Callable | None, img) -> dict[str, torch.Tensor]:

@@ -10,12 +10,16 @@ from ..config import load_yaml
 from .tasks import TASKS
 
 
-def _print_result(result, as_json: bool) -> int:
+def _print_result(result, as_json: bool, strict: bool = False) -> int:
+    """Rows on stdout, skipped inputs by name on stderr. Exit status 1 when nothing could be processed, or with
+    ``strict`` when any input was skipped."""
     for err in result.errors:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"skipped: {err}", file=sys.stderr)
     for row in result.rows:
         print(json.dumps(row) if as_json else "  ".join(f"{k}={v}" for k, v in row.items()))
-    return 1 if result.errors and not result.rows else 0
+    if result.errors:
+        print(f"{len(result.errors)} input(s) skipped, {len(result.rows)} processed", file=sys.stderr)
+    return 1 if result.errors and (strict or not result.rows) else 0
 
 
 def _finetune(args) -> int:
@@ -55,19 +59,19 @@ def _predict(args) -> int:
     pred = P.load_predictor(args.model, tokenizer=args.tokenizer, labels=getattr(args, "labels", None))
     what = args.what
     if what == "caption":
-        return _print_result(P.caption(pred, args.inputs, num_beams=args.num_beams, max_len=args.max_len), args.json)
+        return _print_result(P.caption(pred, args.inputs, num_beams=args.num_beams, max_len=args.max_len), args.json, args.strict)
     if what == "vqa":
-        return _print_result(P.answer(pred, args.inputs, args.question, topk=args.topk), args.json)
+        return _print_result(P.answer(pred, args.inputs, args.question, topk=args.topk), args.json, args.strict)
     if what == "classify":
-        return _print_result(P.classify(pred, args.inputs, topk=args.topk), args.json)
+        return _print_result(P.classify(pred, args.inputs, topk=args.topk), args.json, args.strict)
     if what == "nlvr2":
-        return _print_result(P.judge(pred, args.image_a, args.image_b, args.statement), args.json)
+        return _print_result(P.judge(pred, args.image_a, args.image_b, args.statement), args.json, args.strict)
     if what == "embed":
-        out = []
+        out, errors = [], []
         if args.images:
             emb, paths, errors = P.embed_images(pred, args.images)
             for e in errors:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"skipped: {e}", file=sys.stderr)
             out.append(P.save_embeddings(Path(args.out) / "images", emb, paths)[0])
         if args.texts:
             texts = [t for t in Path(args.texts).read_text().splitlines() if t.strip()]
@@ -75,7 +79,7 @@ def _predict(args) -> int:
         if not out:
             raise SystemExit("embed: give --images and/or --texts")
         print("\n".join(f"wrote {p}" for p in out))
-        return 0
+        return 1 if errors and args.strict else 0
     if what == "search":
         if args.index and Path(args.index).with_suffix(".npy").is_file() and not args.images:
             index = P.SearchIndex.load(args.index)
@@ -84,7 +88,9 @@ def _predict(args) -> int:
                 raise SystemExit("search: give --images (a folder to index) or an existing --index")
             index, errors = P.build_index(pred, args.images)
             for e in errors:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"skipped: {e}", file=sys.stderr)
+            if errors and args.strict:
+                return 1
             if args.index:
                 print(f"index saved to {index.save(args.index)}")
         if args.query:
@@ -94,7 +100,7 @@ def _predict(args) -> int:
             if not args.texts:
                 raise SystemExit("search --image-query needs --texts (a file of candidate texts, one a line)")
             texts = [t for t in Path(args.texts).read_text().splitlines() if t.strip()]
-            return _print_result(P.search_image(pred, args.image_query, texts, k=args.topk), args.json)
+            return _print_result(P.search_image(pred, args.image_query, texts, k=args.topk), args.json, args.strict)
         return 0
     raise SystemExit(f"unknown predict command {what}")
 
@@ -140,6 +146,7 @@ def add_commands(subparsers) -> None:
         q.add_argument("--model", required=True, help="a finetune output folder or a multiway .safetensors")
         q.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
         q.add_argument("--json", action="store_true", help="one JSON object per line")
+        q.add_argument("--strict", action="store_true", help="exit with status 1 if any input was skipped (named on stderr)")
         q.set_defaults(func=_predict)
         return q
 

@@ -140,12 +140,13 @@ def load_predictor(
 
 
 def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand folders (recursively, image extensions only, sorted) and keep explicit files as given."""
+    """Expand folders (recursively, image extensions only, sorted) and keep explicit files as given. Entries that
+    are not regular files (a dangling link, a FIFO) are kept, so :func:`read_images` reports them by name."""
     out: list[Path] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            out.extend(sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS))
+            out.extend(sorted(q for q in p.rglob("*") if not q.is_dir() and q.suffix.lower() in IMAGE_EXTENSIONS))
         else:
             out.append(p)
     return out
@@ -160,17 +161,17 @@ def image_transform(pred: Predictor):
 
 
 def read_images(paths: Sequence[Path], transform) -> tuple[list[Tensor], list[Path], list[str]]:
-    """Open and transform each image; a file that fails is reported as ``"<path>: <reason>"`` and skipped."""
-    from PIL import Image, UnidentifiedImageError
+    """Open (bounded, see :func:`multiway.data.io.load_image`) and transform each image; a file that fails is
+    reported as ``"<path>: <reason>"`` and skipped."""
+    from ..data.io import ImageError, load_image
 
     tensors, ok, errors = [], [], []
     for p in paths:
         try:
-            with Image.open(p) as im:
-                tensors.append(transform(im.convert("RGB")))
+            tensors.append(transform(load_image(p)))
             ok.append(p)
-        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:
-            errors.append(f"{p}: cannot read image ({type(e).__name__}: {e})")
+        except ImageError as e:
+            errors.append(str(e))
     return tensors, ok, errors
 
 
