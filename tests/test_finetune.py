@@ -11,7 +11,7 @@ import multiway
 from multiway.downstream import metrics
 from multiway.downstream.finetune import FinetuneConfig, evaluate, finetune
 from multiway.downstream.losses import captioning_loss, vqa_loss
-from multiway.downstream.tasks import TASKS, EvalOptions, LossOptions, OtherImages, build_dataset, collate, evaluate_model, task_loss
+from multiway.downstream.task_specs import TASKS, EvalOptions, LossOptions, OtherImages, build_dataset, collate, evaluate_model, task_loss
 from multiway.tokenizers.text import TextTokenizer, train_text_tokenizer
 
 

@@ -15,7 +15,7 @@ from .metrics import (
     vqa_targets,
     write_vqa_submission,
 )
-from .tasks import TASKS, TaskSpec, build_dataset, evaluate_model, task_loss
+from .task_specs import TASKS, TaskSpec, build_dataset, evaluate_model, task_loss
 
 __all__ = [
     "TASKS",

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..config import load_yaml
-from .tasks import TASKS
+from .task_specs import TASKS
 
 
 def _print_result(result, as_json: bool, strict: bool = False) -> int:

@@ -27,7 +27,7 @@ from torch import nn
 from ..config import load_yaml
 from ..train import MapDatasetTask, TrainConfig, train
 from ..train.loop import seed_everything
-from .tasks import EvalOptions, LossOptions, TaskSpec, build_dataset, collate, evaluate_model, get_task, task_loss
+from .task_specs import EvalOptions, LossOptions, TaskSpec, build_dataset, collate, evaluate_model, get_task, task_loss
 
 
 @dataclass

@@ -213,7 +213,7 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
     from ..tokenizers.text import TextTokenizer
     from ..train import latest_checkpoint
     from ..train.pretrain import ensure_visual_tokenizer, pretrain
-    from .tasks import TASKS, EvalOptions, OtherImages, build_dataset, chance_level, constant_caption_score, evaluate_model
+    from .task_specs import TASKS, EvalOptions, OtherImages, build_dataset, chance_level, constant_caption_score, evaluate_model
 
     if isinstance(config, QuickstartConfig):
         cfg = config
@@ -328,7 +328,7 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
 def _finetune_job(task: str, init_name: str, fields: dict[str, Any], threads: int, progress: bool):
     """One fine-tune + evaluation (runs in a worker process when ``workers`` > 1)."""
     from .finetune import FinetuneConfig, finetune
-    from .tasks import TASKS
+    from .task_specs import TASKS
 
     torch.set_num_threads(threads)
     fields = dict(fields)
