@@ -422,6 +422,124 @@ class MultiwayTransformer(nn.Module):
         """Fusion encoder: one joint attention over ``[vision; text]``. Output (B, 1+N+T, D)."""
         return self(image, text_ids, padding_mask, image_masked_positions=image_masked_positions)
 
+    # --- dense features (detection, segmentation) ----------------------------------------------------------
+
+    def vision_positions(self, grid: tuple[int, int]) -> Tensor:
+        """Position rows of CLS + an (h, w) patch grid, (1 + h*w, D).
+
+        The native grid (``img_size / patch_size`` square) reads the table as stored; any other grid resizes the
+        stored square grid bicubically (``align_corners=False``, as :func:`interpolate_vision_positions`). A
+        resized table is cached per grid while no gradient flows into the table (inference, frozen table); the
+        cache key holds the table's version counter, so an optimizer step or a checkpoint load invalidates it.
+        When the table is trained the resize runs in every call, inside the autograd graph.
+        """
+        table = self.encoder.embed_positions["A"].weight
+        side = self.config.img_size // self.config.patch_size
+        grid = (int(grid[0]), int(grid[1]))
+        if grid == (side, side):
+            return table[POSITION_OFFSET:]
+        tracked = torch.is_grad_enabled() and table.requires_grad
+        cache = self.__dict__.setdefault("_resized_positions", {})
+        key = (table.data_ptr(), table._version, table.dtype)
+        if not tracked and grid in cache and cache[grid][0] == key:
+            return cache[grid][1]
+        extra = POSITION_OFFSET + 1
+        square = table[extra:].float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        resized = F.interpolate(square, size=grid, mode="bicubic", align_corners=False)
+        rows = torch.cat([table[POSITION_OFFSET:extra], resized.flatten(2).transpose(1, 2)[0].to(table.dtype)], dim=0)
+        if not tracked:
+            cache[grid] = (key, rows)  # no graph: built without gradient into the table
+        return rows
+
+    def is_window_block(self, index: int) -> bool:
+        """Whether block ``index`` attends within windows on the dense path (see ``MultiwayConfig.window_size``)."""
+        interval = self.config.global_attention_interval
+        return self.config.window_size > 0 and not (interval > 0 and (index + 1) % interval == 0)
+
+    def forward_intermediates(
+        self,
+        image: Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        return_prefix_tokens: bool = False,
+    ) -> list[Tensor] | list[tuple[Tensor, Tensor]] | tuple[Tensor, list]:
+        """Patch-token maps of chosen blocks for dense tasks, following timm's ``forward_intermediates``.
+
+        Args:
+            image: (B, C, H, W) with H and W multiples of ``patch_size`` (square or not; the position table is
+                resized to the grid by :meth:`vision_positions`).
+            indices: blocks whose outputs to return: None = every block, an int ``n`` = the last ``n`` blocks, a
+                list = those block indices (negative counts from the end).
+            norm: apply the encoder's final (vision) LayerNorm to each returned map.
+            stop_early: do not run the blocks after the last requested one.
+            output_fmt: ``"NCHW"`` -> maps (B, D, H/p, W/p); ``"NLC"`` -> (B, H/p * W/p, D).
+            intermediates_only: return only the list of maps.
+            return_prefix_tokens: return each map as ``(map, cls)`` with ``cls`` (B, 1, D).
+
+        Returns:
+            the list of maps (in block order), or ``(tokens, maps)`` where ``tokens`` (B, 1 + H/p * W/p, D) is the
+            last run block's output after the final LayerNorm — at the native size with global attention it
+            equals :meth:`encode_image`.
+
+        With ``config.window_size > 0`` the window blocks (:meth:`is_window_block`) split the patch grid, padded
+        at the bottom/right to a multiple of the window, into windows that attend within themselves; padded keys
+        are masked out. CLS joins every window as its first token and leaves as the mean of its window outputs,
+        so one window covering the grid is global attention. Drop path then acts per window.
+        """
+        if image.dim() != 4 or image.shape[1] != self.config.in_chans:
+            raise ValueError(f"image must be (B, {self.config.in_chans}, H, W), got shape {tuple(image.shape)}")
+        patch = self.config.patch_size
+        height, width = image.shape[-2:]
+        if height % patch or width % patch:
+            raise ValueError(f"image is {height}x{width}; forward_intermediates needs H and W divisible by patch_size={patch}")
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt={output_fmt!r}: expected 'NCHW' or 'NLC'")
+        if norm and self.encoder.layer_norm is None:
+            raise ValueError("norm=True but this backbone has no final LayerNorm (normalize_output=False)")
+        depth = self.num_layers
+        if indices is None:
+            taps = list(range(depth))
+        elif isinstance(indices, int):
+            if not 0 < indices <= depth:
+                raise ValueError(f"indices={indices}: the last n blocks needs 1 <= n <= depth={depth}")
+            taps = list(range(depth - indices, depth))
+        else:
+            taps = sorted({i % depth if -depth <= i < depth else _bad_index(i, depth) for i in indices})
+        grid = (height // patch, width // patch)
+        embed = self.vision_embed
+        x = embed.proj(image).flatten(2).transpose(1, 2)
+        x = torch.cat([embed.cls_token.expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
+        x = x + self.vision_positions(grid).to(x.dtype)
+        last = taps[-1] if stop_early else depth - 1
+        final_norm = self.encoder.layer_norm["A"] if self.encoder.layer_norm is not None else nn.Identity()
+        maps = []
+        for index, layer in enumerate(self.encoder.layers[: last + 1]):
+            window = self.config.window_size if self.is_window_block(index) else 0
+            x = self._run_vision_block(layer, x, grid, window)
+            if index in taps:
+                out = final_norm(x) if norm else x
+                spatial = out[:, 1:]
+                if output_fmt == "NCHW":
+                    spatial = spatial.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+                maps.append((spatial, out[:, :1]) if return_prefix_tokens else spatial)
+        if intermediates_only:
+            return maps
+        return final_norm(x), maps
+
+    def _run_vision_block(self, layer: nn.Module, x: Tensor, grid: tuple[int, int], window: int) -> Tensor:
+        """One block on vision tokens (B, 1+h*w, D), globally or within windows, checkpointed when configured."""
+        batch, mask = x.shape[0], None
+        if window:
+            x, mask = window_partition(x, grid, window)
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            x = checkpoint(layer, [x], ["A"], mask, False, None, use_reentrant=False)[0]
+        else:
+            x = layer([x], ["A"], mask, False, None)[0]
+        return window_unpartition(x, batch, grid, window) if window else x
+
 
 def image_to_text_mask(num_vision: int, num_text: int, device: torch.device | None = None) -> Tensor:
     """The captioning (seq2seq) mask, (I+T, I+T) bool, True = may attend.
@@ -453,3 +571,44 @@ def interpolate_vision_positions(table: Tensor, num_patches: int) -> Tensor:
     grid = F.interpolate(grid, size=(new_side, new_side), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(num_patches, -1).to(table.dtype)
     return torch.cat([table[:extra], grid], dim=0)
+
+
+def _bad_index(index: int, depth: int) -> int:
+    raise ValueError(f"block index {index} is out of range for depth={depth} (valid: {-depth} .. {depth - 1})")
+
+
+def window_partition(x: Tensor, grid: tuple[int, int], window: int) -> tuple[Tensor, Tensor | None]:
+    """Split vision tokens into windows for window attention (ViTDet), with CLS first in each window.
+
+    x: (B, 1 + h*w, D), CLS then the (h, w) patch grid row-major. The grid is zero-padded at the bottom/right to
+    a multiple of ``window``. Returns tokens (B * nW, 1 + window^2, D), windows in row-major order per image, and
+    a key mask (B * nW, 1, 1, 1 + window^2), True = real token, or None when nothing is padded.
+    """
+    batch, _, dim = x.shape
+    h, w = grid
+    pad_h, pad_w = (-h) % window, (-w) % window
+    patches = x[:, 1:].reshape(batch, h, w, dim)
+    if pad_h or pad_w:
+        patches = F.pad(patches, (0, 0, 0, pad_w, 0, pad_h))
+    rows, cols = (h + pad_h) // window, (w + pad_w) // window
+    windows = patches.view(batch, rows, window, cols, window, dim).permute(0, 1, 3, 2, 4, 5)
+    windows = windows.reshape(batch * rows * cols, window * window, dim)
+    tokens = torch.cat([x[:, :1].repeat_interleave(rows * cols, dim=0), windows], dim=1)
+    if not (pad_h or pad_w):
+        return tokens, None
+    real = torch.zeros(h + pad_h, w + pad_w, dtype=torch.bool, device=x.device)
+    real[:h, :w] = True
+    real = real.view(rows, window, cols, window).permute(0, 2, 1, 3).reshape(rows * cols, window * window)
+    real = F.pad(real, (1, 0), value=True).repeat(batch, 1)
+    return tokens, real[:, None, None, :]
+
+
+def window_unpartition(tokens: Tensor, batch: int, grid: tuple[int, int], window: int) -> Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, 1 + window^2, D) -> (B, 1 + h*w, D); CLS = mean over windows."""
+    h, w = grid
+    rows, cols = -(-h // window), -(-w // window)
+    dim = tokens.shape[-1]
+    cls = tokens[:, :1].reshape(batch, rows * cols, 1, dim).mean(dim=1)
+    patches = tokens[:, 1:].reshape(batch, rows, cols, window, window, dim).permute(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(batch, rows * window, cols * window, dim)[:, :h, :w].reshape(batch, h * w, dim)
+    return torch.cat([cls, patches], dim=1)
