@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -247,12 +248,14 @@ class MultiwayOutput:
     num_vision: number of leading vision tokens in ``last_hidden_state`` (0 for text-only input).
     padding_mask: (B, L) bool, True = padding, or None when nothing is padded.
     hidden_states: per-layer inputs plus the last layer's output when requested, else empty.
+    token_embeddings: the token embeddings before positions are added, (B, L, D), when requested, else None.
     """
 
     last_hidden_state: Tensor
     num_vision: int
     padding_mask: Tensor | None = None
     hidden_states: tuple[Tensor, ...] = field(default_factory=tuple)
+    token_embeddings: Tensor | None = None
 
 
 def init_linear_and_norm(module: nn.Module, std: float = 0.02) -> None:
@@ -266,6 +269,11 @@ def init_linear_and_norm(module: nn.Module, std: float = 0.02) -> None:
         elif isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+# The keyword arguments of the official backbone call (torchscale ``BEiT3.forward``), in its order.
+OFFICIAL_ARGUMENTS = ("textual_tokens", "visual_tokens", "text_padding_position", "attn_mask", "vision_masked_position",
+                      "incremental_state", "positions")
 
 
 class MultiwayTransformer(nn.Module):
@@ -317,8 +325,16 @@ class MultiwayTransformer(nn.Module):
         text_positions: Tensor | None = None,
         kv_cache: KVCache | None = None,
         output_hidden_states: bool = False,
-    ) -> MultiwayOutput:
+        output_token_embeddings: bool = False,
+        mask_padded_keys: bool = True,
+        **official_arguments: Any,
+    ) -> MultiwayOutput | dict[str, Any]:
         """Encode an image, a text, or both (fused).
+
+        Called with the official keyword arguments instead (``textual_tokens=``, ``visual_tokens=``,
+        ``text_padding_position=``, ``attn_mask=``, ``vision_masked_position=``, ``incremental_state=``,
+        ``positions=``), it runs :meth:`forward_official` and returns the official dict, so scripts written
+        against the official backbone keep working.
 
         Args:
             image: (B, C, H, W) float.
@@ -330,22 +346,36 @@ class MultiwayTransformer(nn.Module):
                 decoding incrementally.
             kv_cache: a :class:`KVCache`; keys/values of this call are appended to it.
             output_hidden_states: also return every layer's input and the last layer's output.
+            output_token_embeddings: also return the token embeddings before positions are added.
+            mask_padded_keys: hide padded tokens from attention (the official incremental path only zeroes them).
 
         Returns:
             :class:`MultiwayOutput` with ``last_hidden_state`` of shape (B, [1+N] + [T], D).
         """
+        if official_arguments:
+            unknown = set(official_arguments) - set(OFFICIAL_ARGUMENTS)
+            if unknown:
+                raise TypeError(f"unknown argument(s) {sorted(unknown)}; the official call takes {list(OFFICIAL_ARGUMENTS)}")
+            if image is not None or text_ids is not None or text_padding_mask is not None:
+                raise TypeError("mix of argument styles: pass image/text_ids/text_padding_mask or the official "
+                                "textual_tokens/visual_tokens/text_padding_position, not both")
+            if attn_mask is not None:
+                official_arguments["attn_mask"] = attn_mask
+            return self.forward_official(**official_arguments)
         if image is None and text_ids is None:
             raise ValueError("pass an image, text_ids or both")
         tables = self.encoder.embed_positions
-        parts, num_vision = [], 0
+        parts, embeddings, num_vision = [], [], 0
         if image is not None:
             x_img = self.vision_embed(image, image_masked_positions)
+            embeddings.append(x_img)
             num_vision = x_img.shape[1]
             rows = torch.arange(POSITION_OFFSET, POSITION_OFFSET + num_vision, device=x_img.device)
             parts.append(x_img + tables["A"](rows))
         padding_mask = None
         if text_ids is not None:
             x_txt = self.text_embed(text_ids)
+            embeddings.append(x_txt)
             if text_positions is None:
                 if text_ids.shape[1] + POSITION_OFFSET > tables["B"].num_embeddings:
                     raise ValueError(
@@ -363,7 +393,7 @@ class MultiwayTransformer(nn.Module):
                 padding_mask = text_pad if image is None else F.pad(text_pad, (num_vision, 0), value=False)
             parts.append(x_txt)
         experts = (["A"] if image is not None else []) + (["B"] if text_ids is not None else [])
-        mask = self._combine_masks(attn_mask, padding_mask, kv_cache)
+        mask = self._combine_masks(attn_mask, padding_mask if mask_padded_keys else None, kv_cache)
         fused = num_vision > 0 and text_ids is not None
         if kv_cache is not None:
             fused = fused or (kv_cache.has_vision and text_ids is not None)
@@ -383,7 +413,79 @@ class MultiwayTransformer(nn.Module):
         x = join(segments)
         if output_hidden_states:
             hidden_states.append(x)
-        return MultiwayOutput(x, num_vision, padding_mask, tuple(hidden_states))
+        token_embeddings = (embeddings[0] if len(embeddings) == 1 else torch.cat(embeddings, dim=1)) if output_token_embeddings else None
+        return MultiwayOutput(x, num_vision, padding_mask, tuple(hidden_states), token_embeddings)
+
+    def forward_official(
+        self,
+        textual_tokens: Tensor | None = None,
+        visual_tokens: Tensor | None = None,
+        text_padding_position: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        vision_masked_position: Tensor | None = None,
+        incremental_state: dict | None = None,
+        positions: Tensor | None = None,
+    ) -> dict[str, Any]:
+        """The official backbone call (torchscale ``BEiT3.forward``), on this module's weights.
+
+        Args:
+            textual_tokens: (B, T) token ids, or None.
+            visual_tokens: (B, C, H, W) images, or None.
+            text_padding_position: (B, T), nonzero = padding.
+            attn_mask: (L, L_keys), nonzero = blocked (the official convention; :meth:`forward` takes True = may
+                attend).
+            vision_masked_position: (B, N), nonzero = patch replaced by the mask token.
+            incremental_state: the official key/value cache, ``{layer: {"prev_key", "prev_value"}}``; updated in
+                place. Missing layer entries are created, as the official captioning head does. As in the
+                official code, padding is then zeroed but not masked out of attention.
+            positions: rows of the position table for a single-modality call (default ``2 .. L+1``); the official
+                decoding protocol passes them for text-only steps.
+
+        Returns:
+            the official dict: ``encoder_out`` (B, L, D); ``encoder_embedding`` (B, L, D), the token embeddings
+            before positions; ``encoder_padding_mask`` (B, L); ``encoder_states`` (empty: the official call never
+            asks for them); ``l_aux`` (one None per layer: no mixture-of-experts); ``multiway_split_position``
+            (-1 vision only, 0 text only, else the number of vision tokens).
+        """
+        if textual_tokens is None and visual_tokens is None:
+            raise ValueError("pass textual_tokens, visual_tokens or both")
+        if positions is not None and visual_tokens is not None:
+            raise ValueError("positions is supported for text-only calls (the official decoding protocol); "
+                             "vision positions always start at row 2")
+        allowed = None if attn_mask is None else attn_mask == 0
+        cache = None
+        if incremental_state is not None:
+            for layer in range(self.num_layers):
+                incremental_state.setdefault(layer, {})
+            cache = KVCache.from_incremental_state(incremental_state, self.num_layers)
+        text_positions = None
+        if positions is not None:
+            text_positions = positions if positions.dim() == 2 else positions.unsqueeze(0)
+        out = self(visual_tokens, textual_tokens, text_padding_position, attn_mask=allowed,
+                   image_masked_positions=vision_masked_position, text_positions=text_positions, kv_cache=cache,
+                   output_token_embeddings=True, mask_padded_keys=incremental_state is None)
+        if cache is not None:
+            cache.to_incremental_state(incremental_state)
+        batch, length = out.last_hidden_state.shape[:2]
+        device = out.last_hidden_state.device
+        if textual_tokens is None:
+            padding, split = torch.zeros(batch, length, dtype=torch.bool, device=device), -1
+        elif visual_tokens is None:
+            split = 0
+            padding = text_padding_position if text_padding_position is not None else torch.zeros(
+                batch, length, dtype=torch.bool, device=device)
+        else:
+            split = out.num_vision
+            padding = torch.zeros(batch, length, dtype=torch.bool, device=device) if text_padding_position is None else torch.cat(
+                [torch.zeros(batch, out.num_vision, dtype=torch.bool, device=device), text_padding_position], dim=1)
+        return {
+            "encoder_out": out.last_hidden_state,
+            "encoder_embedding": out.token_embeddings,
+            "encoder_padding_mask": padding,
+            "encoder_states": [],
+            "l_aux": [None] * self.num_layers,
+            "multiway_split_position": split,
+        }
 
     @staticmethod
     def _combine_masks(attn_mask: Tensor | None, padding_mask: Tensor | None, kv_cache: KVCache | None) -> Tensor | None:
