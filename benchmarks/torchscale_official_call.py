@@ -93,7 +93,8 @@ def main(out: str) -> None:
             rows[:, :n_img] = 1
             rows[0, n_img:n_img + n] = 1
             rows[1, n_img:n_img + n + 1] = 1
-            step = model(textual_tokens=text, attn_mask=1 - rows, incremental_state=state, positions=torch.arange(n + 1, n + 3).unsqueeze(0))  # text index + 2
+            positions = torch.arange(n + 1, n + 3).unsqueeze(0)  # text index + 2
+            step = model(textual_tokens=text, attn_mask=1 - rows, incremental_state=state, positions=positions)
             tensors[f"output.decode_step{n}"] = step["encoder_out"]
             for layer in state.values():
                 layer["prev_key"], layer["prev_value"] = layer["prev_key"][:, :, :-1], layer["prev_value"][:, :, :-1]
