@@ -5,7 +5,6 @@
 >>> multiway.load_checkpoint(model, "beit3_base_patch16_480_vqa.pth")
 """
 
-from .config import PRESETS, MultiwayConfig, get_config
 from .model import (
     BEiT3ForCaptioning,
     BEiT3ForImageClassification,
@@ -20,6 +19,7 @@ from .model import (
     load_checkpoint,
     save_pretrained,
 )
+from .model.config import PRESETS, MultiwayConfig, get_config
 
 __version__ = "0.1.0"
 

@@ -1,131 +1,47 @@
-"""Model configuration and the registry of named presets.
+"""The one config system: dataclasses loaded from YAML or dicts, ``key=value`` overrides, YAML write-back.
 
-One dataclass, :class:`MultiwayConfig`, describes a Multiway Transformer. It is stored inside every
-checkpoint we write, so a checkpoint alone rebuilds its model. Named presets follow the official
-BEiT-3 names (``beit3_base_patch16_224`` ...) plus the paper's giant model and tiny CPU presets.
+Every runner's settings are dataclasses, nested where they nest (a pretraining config holds a ``TrainConfig``),
+with ``Literal[...]`` choices and a comment or docstring per field. This module builds them and writes them back,
+the same way for every config:
+
+* :func:`from_dict` builds a dataclass from a mapping, recursing into nested dataclasses. It coerces what YAML
+  gives (``"1e-3"`` or ``3`` to a float, lists to tuples, ``"true"`` to a bool), checks ``Literal`` choices, and
+  refuses an unknown key by naming its dotted path and the valid keys (``unknown key 'train.lrr'; valid keys
+  of train: [...]``).
+* :func:`apply_overrides` sets dotted keys from ``key=value`` strings whose values are parsed as YAML
+  (``train.lr=2e-4``, ``model.drop_path_rate=0.1``, ``train.betas=[0.9,0.999]``).
+* :func:`to_dict` / :func:`to_yaml` write a config back (tuples as lists), and :func:`load_config` reads one.
+* :func:`add_config_arguments` and :func:`config_from_args` give every command the same CLI:
+  ``--config FILE``, ``key=value`` overrides anywhere on the line, and ``--print-config``.
+
+A nested section given only in part keeps its default's other values: with a field
+``train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/x", max_steps=300))``,
+``train.lr=1e-4`` changes the learning rate and keeps ``out_dir`` and ``max_steps``.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
 import re
-from dataclasses import dataclass
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+T = TypeVar("T")
 
-@dataclass
-class MultiwayConfig:
-    """Hyper-parameters of a Multiway Transformer backbone.
 
-    The defaults are BEiT-3 base at 224 px as released. Two switches select the architecture:
+class ConfigError(ValueError):
+    """A config that does not fit its dataclass: an unknown key, a wrong type or a value outside its choices."""
 
-    * ``shared_attention=False, vl_expert_layers=0`` — the *released* BEiT-3 ("decoupled" Multiway
-      Transformer): every sublayer, attention projections included, has a vision expert ``A`` and a
-      language expert ``B``. Official checkpoints use this layout.
-    * ``shared_attention=True, vl_expert_layers=K`` — the *paper's* design: one self-attention module
-      shared by all modalities, per-modality FFN experts, and a third vision-language expert ``C`` in the
-      top ``K`` layers that serves every token of a fused (image+text) input (paper: K=3).
-    """
 
-    depth: int = 12
-    embed_dim: int = 768
-    num_heads: int = 12
-    ffn_dim: int = 3072
-    img_size: int = 224
-    patch_size: int = 16
-    in_chans: int = 3
-    vocab_size: int = 64010
-    max_text_positions: int = 1024
-    drop_path_rate: float = 0.0
-    layer_norm_eps: float = 1e-5
-    # False for the official image-classification and VQA heads (no final encoder LayerNorm).
-    normalize_output: bool = True
-    shared_attention: bool = False
-    vl_expert_layers: int = 0
-    grad_checkpointing: bool = False
-    # Std of the position tables at init (only matters when training from scratch). The official code leaves them
-    # at nn.Embedding's N(0, 1), which at small widths drowns the token and patch embeddings (std ~D^-1/2 and
-    # ~0.04): a from-scratch tiny model then sees mostly positions and its [CLS] barely depends on the input.
-    # 0.02 is the ViT/BEiT choice; None keeps the official N(0, 1).
-    position_init_std: float | None = 0.02
-    # Init of the task heads (pooler, MLPs, projections, LM heads) when they are not loaded: "official" =
-    # trunc_normal(0.02) clipped at +-0.02 whatever the width; "fan_in" = PyTorch's default Linear init, std
-    # (3 fan_in)^-1/2, which equals ~0.02 at width 768 but is 3.6x larger at width 64. At small widths the
-    # official init leaves stacked heads (VQA: pooler + 2-layer MLP) stuck at chance: a width-64 fused model
-    # learned the colour of a single shape to 98% with "fan_in" and stayed at 12.5% (chance) with "official".
-    head_init: str = "official"
-    # Std of the backbone's Linear weights at init, cut at +-std as the official code does. 0.02 (official) suits
-    # width ~768; at width 64 it makes every projection shrink its input ~12x, attention stays uniform and a
-    # from-scratch fused model learned to answer from the question alone (VQA score with real images within 2
-    # points of shuffled ones). The tiny and small presets use D^-1/2.
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}")
-        if self.img_size % self.patch_size:
-            raise ValueError(f"img_size={self.img_size} is not divisible by patch_size={self.patch_size}")
-        if not 0 <= self.vl_expert_layers <= self.depth:
-            raise ValueError(f"vl_expert_layers={self.vl_expert_layers} must lie in [0, depth={self.depth}]")
-        if self.head_init not in ("official", "fan_in"):
-            raise ValueError(f"head_init={self.head_init!r}: expected 'official' or 'fan_in'")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std={self.init_std!r}: expected a positive std")
-        if self.max_text_positions < 3:
-            raise ValueError("max_text_positions must be >= 3 (rows 0-1 are the fairseq offset)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
-
-    @property
-    def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
-
-    @property
-    def num_vision_tokens(self) -> int:
-        """CLS + patches."""
-        return self.num_patches + 1
-
-    def replace(self, **overrides: Any) -> MultiwayConfig:
-        unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise TypeError(f"unknown config field(s) {sorted(unknown)}; valid fields: {sorted(self.to_dict())}")
-        return dataclasses.replace(self, **overrides)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> MultiwayConfig:
-        check_fields(cls, d, "config")
-        optional = {f.name for f in dataclasses.fields(cls) if "None" in str(f.type)}
-        return cls(**{k: v if v is None and k in optional else _coerce(k, v, type(getattr(cls, k))) for k, v in d.items()})
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, s: str) -> MultiwayConfig:
-        return cls.from_dict(json.loads(s))
-
-    def save(self, path: str | Path) -> None:
-        """Write as YAML (``.yaml``/``.yml``) or JSON (anything else)."""
-        path = Path(path)
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False) if path.suffix in (".yaml", ".yml") else self.to_json()
-        path.write_text(text)
-
-    @classmethod
-    def load(cls, path: str | Path) -> MultiwayConfig:
-        path = Path(path)
-        data = load_yaml(path.read_text())  # YAML is a superset of JSON
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of config fields, got {type(data).__name__}")
-        return cls.from_dict(data)
+# ---------------------------------------------------------------------------------------------------------------
+# YAML
 
 
 class _YAMLLoader(yaml.SafeLoader):
@@ -144,53 +60,362 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_YAMLLoader)
 
 
-def check_fields(cls: type, d: dict[str, Any], what: str | None = None) -> None:
-    """Raise ``ValueError`` naming the keys of ``d`` that are not fields of the dataclass ``cls``, with the valid ones."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown {what or cls.__name__} field(s) {sorted(unknown)}; valid fields: {sorted(names)}")
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping at the top of a YAML file (an empty file is ``{}``); anything else is a :class:`ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    data = load_yaml(path.read_text())
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level, got {type(data).__name__}")
+    return data
 
 
-def _coerce(name: str, value: Any, kind: type) -> Any:
-    """Cast a value read from YAML/JSON to the field's type (PyYAML reads ``1e-5`` as a string)."""
-    if isinstance(value, kind):
-        return value
-    try:
-        if kind is bool and isinstance(value, str):
-            if value.lower() not in ("true", "false"):
-                raise ValueError(value)
+# ---------------------------------------------------------------------------------------------------------------
+# building dataclasses from mappings
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved type of every init field of the dataclass ``cls`` (string annotations evaluated)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _coerce_scalar(value: Any, tp: type, where: str) -> Any:
+    """``value`` as ``bool``/``int``/``float``/``str``/``Path``, accepting what YAML and the command line give."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
-        if kind is int and float(value) != int(float(value)):
-            raise ValueError(value)
-        return kind(float(value)) if kind in (int, float) else kind(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"config field {name!r} expects {kind.__name__}, got {value!r}") from None
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, (float, str)) and not isinstance(value, bool):
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+            else:
+                if number.is_integer():
+                    return int(number)
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):  # YAML reads `name: 2024` as an int
+            return str(value)
+    elif tp is Path:
+        if isinstance(value, (str, Path)):
+            return Path(value)
+    raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 
-_BASE = dict(depth=12, embed_dim=768, num_heads=12, ffn_dim=3072, patch_size=16)
-_LARGE = dict(depth=24, embed_dim=1024, num_heads=16, ffn_dim=4096, patch_size=16)
-_GIANT = dict(depth=40, embed_dim=1408, num_heads=16, ffn_dim=6144, patch_size=14, shared_attention=True, vl_expert_layers=3)
-# Tiny presets: the golden-fixture shape (depth 2, width 64), for tests and CPU demos. Their Linear init std is
-# D^-1/2 (see MultiwayConfig.init_std): with it the quickstart's pretraining taught the fused model to read colours
-# from the image; with 0.02 it learned the captions' language only.
-_TINY = dict(depth=2, embed_dim=64, num_heads=4, ffn_dim=256, patch_size=8, vocab_size=1000, max_text_positions=64,
-             head_init="fan_in", init_std=64**-0.5)
-_SMALL = dict(depth=4, embed_dim=128, num_heads=4, ffn_dim=512, patch_size=8, max_text_positions=128, head_init="fan_in",
-              init_std=128**-0.5)
-
-PRESETS: dict[str, MultiwayConfig] = {
-    **{f"beit3_base_patch16_{s}": MultiwayConfig(img_size=s, **_BASE) for s in (224, 384, 480)},
-    **{f"beit3_large_patch16_{s}": MultiwayConfig(img_size=s, **_LARGE) for s in (224, 384, 480, 768)},
-    "beit3_giant_patch14_224": MultiwayConfig(img_size=224, **_GIANT),
-    "beit3_tiny_patch8_32": MultiwayConfig(img_size=32, **_TINY),
-    "beit3_tiny_patch8_32_paper": MultiwayConfig(img_size=32, shared_attention=True, vl_expert_layers=1, **_TINY),
-    "beit3_small_patch8_64": MultiwayConfig(img_size=64, vocab_size=4000, **_SMALL),
-}
+def check_choice(value: Any, choices: Sequence[Any], where: str) -> Any:
+    """``value`` if it is one of ``choices``; else a :class:`ConfigError` naming the field and the choices."""
+    if value not in choices:
+        raise ConfigError(f"{where}={value!r} is not supported; accepted values: {', '.join(map(repr, choices))}")
+    return value
 
 
-def get_config(name: str, **overrides: Any) -> MultiwayConfig:
-    """The preset ``name`` with config fields overridden by keyword."""
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; available presets: {sorted(PRESETS)}")
-    return PRESETS[name].replace(**overrides)
+def check_literals(obj: Any, where: str = "") -> None:
+    """Check every ``Literal``-typed field of the dataclass instance ``obj`` (for ``__post_init__``: direct
+    construction gets the same check as :func:`from_dict`)."""
+    for name, tp in field_types(type(obj)).items():
+        if typing.get_origin(tp) is Literal:
+            check_choice(getattr(obj, name), typing.get_args(tp), _join(where, name))
+
+
+def coerce(value: Any, tp: Any, where: str = "value") -> Any:
+    """``value`` (as read from YAML) converted to the type annotation ``tp``.
+
+    Handles ``Any``, dataclasses (from mappings), ``Literal`` choices, unions (``X | None``), ``tuple[...]``,
+    ``list[...]``, ``dict[...]`` and scalars. ``where`` names the value in errors (a dotted key path).
+    """
+    if tp is Any or tp is object:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return check_choice(value, args, where)
+    if origin in (Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got None")
+        arms = [a for a in args if a is not type(None)]
+        for arm in arms:  # an exact match wins (an int for `int | str`), then the first arm that converts
+            arm_type = typing.get_origin(arm) or arm
+            if isinstance(arm_type, type) and not dataclasses.is_dataclass(arm_type) and type(value) is arm_type:
+                return coerce(value, arm, where)
+        for arm in arms:
+            try:
+                return coerce(value, arm, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, Mapping):
+            return from_dict(tp, value, where)
+        raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r} ({type(value).__name__})")
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list for {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            item = args[0] if args else Any
+            return tuple(coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values for {_type_name(tp)}, got {len(value)}: {value!r}")
+        return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list or tp is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list for {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        item = args[0] if args else Any
+        return [coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        key_type, value_type = args if args else (Any, Any)
+        return {coerce(k, key_type, f"{where} key"): coerce(v, value_type, _join(where, str(k))) for k, v in value.items()}
+    if tp in (bool, int, float, str, Path):
+        return _coerce_scalar(value, tp, where)
+    if isinstance(tp, type):
+        if isinstance(value, tp):
+            return value
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(f"{where}: cannot read a value of type {_type_name(tp)} from a config")
+
+
+def _default_of(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return dataclasses.MISSING
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build the dataclass ``cls`` from ``data``, recursively (see the module docstring).
+
+    Args:
+        cls: a dataclass type.
+        data: its keys: field names, nested mappings for nested dataclass fields.
+        where: the dotted path of ``data`` inside the whole config (``"train"``), used in error messages.
+
+    Raises:
+        ConfigError: an unknown key (naming its path and the valid keys), a missing required key, a value of the
+            wrong type or outside its ``Literal`` choices, or a value the dataclass's own checks refuse.
+    """
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        raise TypeError(f"from_dict needs a dataclass type, got {cls!r}")
+    section = where or cls.__name__
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of {cls.__name__} keys, got {data!r} ({type(data).__name__})")
+    types_ = field_types(cls)
+    unknown = [k for k in data if k not in types_]
+    if unknown:
+        keys = ", ".join(repr(_join(where, str(k))) for k in unknown)
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {keys}; valid keys of {section}: {sorted(types_)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    missing = []
+    for name, tp in types_.items():
+        path = _join(where, name)
+        if name in data:
+            value = data[name]
+            default = _default_of(fields[name])
+            if isinstance(value, Mapping) and dataclasses.is_dataclass(default) and not isinstance(default, type):
+                value = {**to_dict(default), **value}  # a partial section keeps its default's other values
+            kwargs[name] = coerce(value, tp, path)
+        elif _default_of(fields[name]) is dataclasses.MISSING:
+            missing.append(path)
+    if missing:
+        raise ConfigError(f"missing required key{'s' if len(missing) > 1 else ''} {missing} of {section}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as e:  # the dataclass's own checks (__post_init__)
+        raise ConfigError(f"{section}: {e}") from e
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# writing back
+
+
+def to_dict(cfg: Any) -> Any:
+    """A config as plain YAML-able data: dataclasses as dicts (init fields), tuples as lists, paths as strings."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, Path):
+        return str(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """A config as YAML text, keys in field order; :func:`load_yaml` + :func:`from_dict` read it back equal."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write :func:`to_yaml` of ``cfg`` to ``path`` (parents created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# overrides
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=2e-4"`` -> ``("train.lr", 0.0002)``: a dotted key and a value parsed as YAML."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not _KEY.match(key):
+        raise ConfigError(f"override {item!r}: expected key=value with a dotted key, e.g. train.lr=2e-4")
+    try:
+        return key, load_yaml(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+
+
+def deep_update(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` merged in: nested mappings merged key by key, anything else replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_update(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``data[a][b][c] = value`` for ``key="a.b.c"`` in place, creating missing sections (nested mappings are
+    copied before they are changed, so the caller's nested dicts are left alone)."""
+    *parents, leaf = key.split(".")
+    node = data
+    for i, part in enumerate(parents):
+        child = node.get(part)
+        if child is None:
+            child = {}
+        elif not isinstance(child, Mapping):
+            raise ConfigError(f"{key}: {'.'.join(parents[: i + 1])} is a value ({child!r}), not a section")
+        node[part] = child = dict(child)
+        node = child
+    node[leaf] = value
+
+
+def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
+    """``cfg`` with ``key=value`` overrides applied (dotted keys, values parsed as YAML).
+
+    ``cfg`` is a dataclass instance (a new instance is returned, rebuilt and checked with :func:`from_dict`) or
+    a mapping (a new dict is returned; unknown keys are found when it is built into a dataclass).
+    """
+    is_config = dataclasses.is_dataclass(cfg) and not isinstance(cfg, type)
+    data: dict[str, Any] = to_dict(cfg) if is_config else dict(cfg)  # type: ignore[arg-type]
+    for item in overrides:
+        key, value = parse_override(item)
+        try:
+            set_dotted(data, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"override {item!r}: {e}") from None
+    return from_dict(type(cfg), data) if is_config else data  # type: ignore[return-value]
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: Mapping[str, Any] | None = None) -> T:
+    """``cls`` built from ``base`` (defaults), the YAML file ``path`` merged over it, then ``overrides``."""
+    data = dict(base or {})
+    if path is not None:
+        data = deep_update(data, read_yaml_mapping(path))
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        source = f"{path}" if path is not None else cls.__name__
+        raise ConfigError(f"{source}{' + overrides' if overrides else ''}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command line
+
+_OVERRIDES_DEST = "overrides"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str = "a YAML config file",
+                         default_config: str | None = None) -> argparse.ArgumentParser:
+    """Give ``parser`` the one config syntax: ``--config FILE``, ``key=value`` overrides (values parsed as YAML,
+    anywhere on the line) and ``--print-config`` (print the resolved config as YAML and exit 0). Read them with
+    :func:`config_from_args`."""
+    parser.add_argument("--config", metavar="FILE", default=default_config, help=config_help)
+    parser.add_argument(_OVERRIDES_DEST, nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides with dotted keys, values parsed as YAML (train.lr=2e-4 model.drop_path_rate=0.1)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.set_defaults(_takes_overrides=True)
+    return parser
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``parser.parse_args`` that also collects ``key=value`` overrides given after options
+    (``finetune vqav2 --config f.yaml train.lr=2e-4``), which argparse alone leaves unrecognised."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        takes_overrides = getattr(args, "_takes_overrides", False)
+        overrides = [a for a in extra if takes_overrides and "=" in a and not a.startswith("-")]
+        rest = [a for a in extra if a not in overrides]
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        setattr(args, _OVERRIDES_DEST, [*getattr(args, _OVERRIDES_DEST, []), *overrides])
+    return args
+
+
+def config_from_args(cls: type[T], args: argparse.Namespace, base: Mapping[str, Any] | None = None,
+                     updates: Mapping[str, Any] | None = None) -> T:
+    """The config of a command: ``base`` (defaults), then ``--config``, then ``updates`` (values the command's own
+    flags set), then the ``key=value`` overrides. With ``--print-config`` it prints the YAML and exits 0."""
+    data = dict(base or {})
+    path = getattr(args, "config", None)
+    if path is not None:
+        data = deep_update(data, read_yaml_mapping(path))
+    if updates:
+        data = deep_update(data, updates)
+    overrides = list(getattr(args, _OVERRIDES_DEST, []) or [])
+    data = apply_overrides(data, overrides)
+    try:
+        cfg = from_dict(cls, data)
+    except ConfigError as e:
+        source = f"{path}" if path is not None else "config"
+        raise ConfigError(f"{source}{' + overrides' if overrides else ''}: {e}") from None
+    if getattr(args, "print_config", False):
+        sys.stdout.write(to_yaml(cfg))
+        raise SystemExit(0)
+    return cfg

@@ -7,8 +7,8 @@ import torch
 from conftest import FIXTURES
 
 import multiway
-from multiway.config import PRESETS, MultiwayConfig
 from multiway.model import MultiwayTransformer, image_to_text_mask
+from multiway.model.config import PRESETS, MultiwayConfig
 
 TINY = "beit3_tiny_patch8_32"
 

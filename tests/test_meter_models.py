@@ -138,7 +138,7 @@ def test_fusion_width_mismatch_and_unknown_kinds():
         tiny_config(architecture="decoder_only")
     with pytest.raises(ValueError, match=r"decoder\.num_heads"):
         MeterConfig(fusion=FusionConfig(width=36, num_heads=4), decoder={"num_heads": 8})
-    with pytest.raises(ValueError, match=r"unknown field\(s\) \['widht'\] in METER config section 'fusion'"):
+    with pytest.raises(ValueError, match=r"unknown key 'fusion\.widht'; valid keys of fusion: .*'width'"):
         MeterConfig(fusion={"widht": 32})
 
 

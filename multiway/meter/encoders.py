@@ -137,7 +137,7 @@ def load_timm_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _build_multiway(cfg: VisionEncoderConfig) -> tuple[nn.Module, int, int, int]:
-    from ..config import PRESETS as MULTIWAY_PRESETS
+    from ..model.config import PRESETS as MULTIWAY_PRESETS
     from ..model import create_model, load_checkpoint
 
     if cfg.name not in MULTIWAY_PRESETS:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import check_fields
+from ..config import from_dict
 
 # ----------------------------------------------------------------------------------------------------------------
 # config and presets
@@ -73,8 +73,7 @@ class VQKDConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQKDConfig:
-        check_fields(cls, d)
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 VQKD_PRESETS: dict[str, VQKDConfig] = {

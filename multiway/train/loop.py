@@ -66,7 +66,7 @@ import yaml
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from ..config import check_fields
+from ..config import from_dict
 from . import distributed as D
 from .optim import LRSchedule, build_param_groups
 
@@ -128,8 +128,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        check_fields(cls, d)
-        return cls(**d)
+        return from_dict(cls, d)
 
 
 @runtime_checkable
