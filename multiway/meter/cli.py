@@ -45,6 +45,15 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from .checkpoints import from_official, save_meter
+
+    model = from_official(args.checkpoint, args.task, image_size=args.image_size, num_heads=args.num_heads)
+    save_meter(model, args.output)
+    print(f"{args.checkpoint} -> {args.output} ({type(model).__name__}, {model.meter.vision.img_size} px)")
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     study = subparsers.add_parser("study", help="run a design study (METER grid)")
     study_sub = study.add_subparsers(dest="study", metavar="STUDY")
@@ -72,4 +81,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_info)
     q = meter_sub.add_parser("list", help="list presets and the study's axes")
     q.set_defaults(func=_list)
+    q = meter_sub.add_parser(
+        "convert", help="convert a released METER .ckpt (Lightning, read weights-only) to a multiway METER safetensors file"
+    )
+    q.add_argument("checkpoint", help="official METER checkpoint, e.g. meter_clip16_288_roberta_vqa.ckpt")
+    q.add_argument("output", help="output .safetensors (config embedded; multiway.meter.checkpoints.load_meter reads it)")
+    tasks = ["pretraining", "vqa", "nlvr2", "snli_ve", "retrieval"]
+    q.add_argument("--task", default="pretraining", choices=tasks, help="which heads to keep")
+    q.add_argument("--image-size", type=int, default=None, help="resolution (default: the checkpoint's); tables adapted as METER does")
+    q.add_argument("--num-heads", type=int, default=None, help="text/fusion heads (default: the checkpoint's config, else width/64)")
+    q.set_defaults(func=_convert)
     meter.set_defaults(func=lambda a: meter.print_help() or 2)

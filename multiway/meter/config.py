@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import check_fields, load_yaml
+from ..config import from_dict, read_yaml_mapping, set_dotted, to_dict, to_yaml
 
 VISION_KINDS = ("timm", "multiway")
 TEXT_KINDS = ("hf", "embedding")
 FUSION_KINDS = ("co_attention", "merged_attention")
 ARCHITECTURES = ("encoder_only", "encoder_decoder")
+IMAGE_POOLINGS = ("prepend_mean", "fused_mean")
 
 
 def _check_choice(option: str, value: Any, accepted: tuple[str, ...]) -> None:
@@ -91,6 +90,8 @@ class FusionConfig:
     norm_first: bool = False
     # Attention logits/softmax and LayerNorm in fp32 under autocast (what bf16 training needed).
     fp32_attention: bool = True
+    # LayerNorm epsilon of the fusion layers, poolers' neighbours and the MLM head (BERT, METER's code: 1e-12).
+    layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
         _check_choice("fusion.kind", self.kind, FUSION_KINDS)
@@ -167,13 +168,21 @@ class MeterConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # Dual-encoder projections (itc_text, itc_image, logit_scale): retrieval candidates and hard ITM negatives.
+    # METER's released checkpoints have none; models converted from them set this to False.
+    dual_encoder: bool = True
+    # Image encoders without a CLS token (Swin): "prepend_mean" puts the mean of the encoder's tokens in front of
+    # the grid before fusion; "fused_mean" (METER's code) fuses the grid alone and pools the mean of the fused
+    # image tokens.
+    image_pooling: str = "prepend_mean"
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
-                setattr(self, name, _section_from_dict(cls, value, name))
+                setattr(self, name, from_dict(cls, value, name))
         _check_choice("architecture", self.architecture, ARCHITECTURES)
+        _check_choice("image_pooling", self.image_pooling, IMAGE_POOLINGS)
         if self.fusion.width % self.decoder.num_heads:
             raise ValueError(
                 f"fusion.width={self.fusion.width} is not divisible by decoder.num_heads={self.decoder.num_heads}; "
@@ -181,36 +190,25 @@ class MeterConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MeterConfig:
-        check_fields(cls, d, "METER config")
-        return cls(**d)
+        return from_dict(cls, d)
 
     def replace(self, **overrides: Any) -> MeterConfig:
         """Copy with overrides; nested fields by dotted name: ``replace(**{"fusion.kind": "merged_attention"})``."""
         d = self.to_dict()
         for key, value in overrides.items():
-            *path, leaf = key.split(".")
-            node = d
-            for p in path:
-                if p not in node or not isinstance(node[p], dict):
-                    raise ValueError(f"unknown METER config field {key!r}")
-                node = node[p]
-            if leaf not in node:
-                raise ValueError(f"unknown METER config field {key!r}; valid here: {sorted(node)}")
-            node[leaf] = value
+            set_dotted(d, key, value)
         return MeterConfig.from_dict(d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+        Path(path).write_text(to_yaml(self))
 
     @classmethod
     def load(cls, path: str | Path) -> MeterConfig:
-        data = load_yaml(Path(path).read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of METER config fields")
+        data = read_yaml_mapping(path)
         return cls.from_dict(data.get("model", data))
 
 
@@ -222,24 +220,6 @@ _SECTIONS = {
     "objectives": ObjectiveConfig,
     "optim": OptimConfig,
 }
-
-
-def _section_from_dict(cls: type, d: dict[str, Any], section: str) -> Any:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown field(s) {sorted(unknown)} in METER config section {section!r}; valid: {sorted(names)}")
-    if cls is OptimConfig and "betas" in d:
-        d = {**d, "betas": tuple(d["betas"])}
-    return cls(**d)
-
-
-def _plain(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 # --- presets ------------------------------------------------------------------------------------------------

@@ -81,16 +81,19 @@ class FusionLayer(nn.Module):
     layer (``cross=True``, ``causal=True``).
     """
 
-    def __init__(self, dim: int, num_heads: int, ffn_dim: int, cross: bool, dropout: float = 0.0, norm_first: bool = False, fp32: bool = True):
+    def __init__(
+        self, dim: int, num_heads: int, ffn_dim: int, cross: bool, dropout: float = 0.0, norm_first: bool = False, fp32: bool = True,
+        eps: float = 1e-5,
+    ):
         super().__init__()
         self.norm_first = norm_first
         self.self_attn = Attention(dim, num_heads, dropout, fp32)
-        self.norm1 = LayerNorm32(dim)
+        self.norm1 = LayerNorm32(dim, eps=eps)
         self.cross_attn = Attention(dim, num_heads, dropout, fp32) if cross else None
-        self.norm2 = LayerNorm32(dim) if cross else None
-        self.norm_context = LayerNorm32(dim) if cross and norm_first else None
+        self.norm2 = LayerNorm32(dim, eps=eps) if cross else None
+        self.norm_context = LayerNorm32(dim, eps=eps) if cross and norm_first else None
         self.ffn = FeedForward(dim, ffn_dim, dropout)
-        self.norm3 = LayerNorm32(dim)
+        self.norm3 = LayerNorm32(dim, eps=eps)
         self.drop = nn.Dropout(dropout)
 
     def forward(
@@ -132,12 +135,14 @@ class CoAttentionFusion(nn.Module):
         super().__init__()
 
         def layer() -> FusionLayer:
-            return FusionLayer(cfg.width, cfg.num_heads, cfg.ffn_dim, True, cfg.dropout, cfg.norm_first, cfg.fp32_attention)
+            return FusionLayer(
+                cfg.width, cfg.num_heads, cfg.ffn_dim, True, cfg.dropout, cfg.norm_first, cfg.fp32_attention, cfg.layer_norm_eps
+            )
 
         self.text_layers = nn.ModuleList(layer() for _ in range(cfg.depth))
         self.image_layers = nn.ModuleList(layer() for _ in range(cfg.depth))
-        self.text_norm = LayerNorm32(cfg.width) if cfg.norm_first else nn.Identity()
-        self.image_norm = LayerNorm32(cfg.width) if cfg.norm_first else nn.Identity()
+        self.text_norm = LayerNorm32(cfg.width, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
+        self.image_norm = LayerNorm32(cfg.width, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
 
     def forward(self, text: Tensor, image: Tensor, text_padding_mask: Tensor | None = None) -> FusionOutput:
         """text (B, T, D), image (B, N, D) (type embeddings already added) -> :class:`FusionOutput`."""
@@ -153,10 +158,10 @@ class MergedAttentionFusion(nn.Module):
     def __init__(self, cfg: FusionConfig):
         super().__init__()
         self.layers = nn.ModuleList(
-            FusionLayer(cfg.width, cfg.num_heads, cfg.ffn_dim, False, cfg.dropout, cfg.norm_first, cfg.fp32_attention)
+            FusionLayer(cfg.width, cfg.num_heads, cfg.ffn_dim, False, cfg.dropout, cfg.norm_first, cfg.fp32_attention, cfg.layer_norm_eps)
             for _ in range(cfg.depth)
         )
-        self.norm = LayerNorm32(cfg.width) if cfg.norm_first else nn.Identity()
+        self.norm = LayerNorm32(cfg.width, eps=cfg.layer_norm_eps) if cfg.norm_first else nn.Identity()
 
     def forward(self, text: Tensor, image: Tensor, text_padding_mask: Tensor | None = None) -> FusionOutput:
         T = text.shape[1]

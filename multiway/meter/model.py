@@ -112,10 +112,14 @@ class METERModel(nn.Module):
         self.image_proj = nn.Linear(self.vision.width, H)
         self.type_embed = nn.Embedding(3, H)  # text, image, second image (NLVR2)
         self.fusion = build_fusion(cfg.fusion)
-        # dual-encoder projections: candidates for retrieval, similarities for hard-negative ITM
-        self.itc_text = nn.Linear(self.text.width, H)
-        self.itc_image = nn.Linear(self.vision.width, H)
-        self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07)
+        # CLS-less encoders (Swin) under "fused_mean" fuse the bare grid; the image pooler reads the fused mean.
+        self.pool_fused_mean = self.vision.num_prefix_tokens == 0 and cfg.image_pooling == "fused_mean"
+        self.dual_encoder = cfg.dual_encoder
+        if cfg.dual_encoder:
+            # dual-encoder projections: candidates for retrieval, similarities for hard-negative ITM
+            self.itc_text = nn.Linear(self.text.width, H)
+            self.itc_image = nn.Linear(self.vision.width, H)
+            self.logit_scale = nn.Parameter(torch.tensor(2.659))  # log(1/0.07)
         if self.encoder_decoder:
             self.decoder = Decoder(cfg, self.vocab_size)
             self.feature_dim = H
@@ -142,11 +146,23 @@ class METERModel(nn.Module):
     # --- unimodal -------------------------------------------------------------------------------------------
 
     def encode_image_tokens(self, image: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, 1 + grid², Dv); encoders without a CLS get the mean-pooled token prepended."""
+        """(B, 3, H, W) -> (B, num_image_prefix + grid², Dv); under ``image_pooling="prepend_mean"`` encoders
+        without a CLS get the mean-pooled token prepended."""
         v = self.vision(image)
-        if self.vision.num_prefix_tokens == 0:
+        if self.vision.num_prefix_tokens == 0 and not self.pool_fused_mean:
             v = torch.cat([v.mean(dim=1, keepdim=True), v], dim=1)
         return v
+
+    def image_summary(self, image_tokens: Tensor) -> Tensor:
+        """The unimodal image feature (B, Dv): token 0 (CLS or the prepended mean), or the grid mean."""
+        return image_tokens.mean(dim=1) if self.pool_fused_mean else image_tokens[:, 0]
+
+    def _require_dual(self) -> None:
+        if not self.dual_encoder:
+            raise ValueError(
+                "this METER model has no dual-encoder projections (dual_encoder=False, as in METER's released "
+                "checkpoints); use full fusion re-scoring (multiway.meter.retrieval.rescore_all) instead"
+            )
 
     def encode_text_tokens(self, ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """(B, T) -> (B, T, Dt)."""
@@ -154,24 +170,29 @@ class METERModel(nn.Module):
 
     def dual_embed_text(self, text_tokens: Tensor) -> Tensor:
         """Unimodal text embedding for candidate retrieval: (B, T, Dt) -> (B, H), L2-normalised."""
+        self._require_dual()
         return F.normalize(self.itc_text(text_tokens[:, 0]).float(), dim=-1)
 
     def dual_embed_image(self, image_tokens: Tensor) -> Tensor:
-        return F.normalize(self.itc_image(image_tokens[:, 0]).float(), dim=-1)
+        """Unimodal image embedding: (B, N, Dv) -> (B, H), L2-normalised."""
+        self._require_dual()
+        return F.normalize(self.itc_image(self.image_summary(image_tokens)).float(), dim=-1)
 
     @property
     def num_image_prefix(self) -> int:
-        """Image tokens before the patch grid in fused outputs (always 1: CLS or the pooled token)."""
-        return 1
+        """Image tokens before the patch grid in fused outputs: 1 (CLS or the prepended mean), 0 under fused_mean."""
+        return 0 if self.pool_fused_mean else 1
 
     # --- fusion ---------------------------------------------------------------------------------------------
 
-    def fuse(self, text_tokens: Tensor, image_tokens: Tensor, padding_mask: Tensor | None = None, image_type: int = IMAGE_TYPE) -> MeterOutput:
+    def fuse(
+        self, text_tokens: Tensor, image_tokens: Tensor, padding_mask: Tensor | None = None, image_type: int = IMAGE_TYPE
+    ) -> MeterOutput:
         """Project both sequences to the fusion width, add modality types, run the fusion module."""
         t = self.text_proj(text_tokens) + self.type_embed.weight[TEXT_TYPE]
         v = self.image_proj(image_tokens) + self.type_embed.weight[image_type]
         out = self.fusion(t, v, padding_mask)
-        return MeterOutput(out.text, out.image, padding_mask, text_tokens[:, 0], image_tokens[:, 0])
+        return MeterOutput(out.text, out.image, padding_mask, text_tokens[:, 0], self.image_summary(image_tokens))
 
     def encode(self, image: Tensor, text_ids: Tensor, padding_mask: Tensor | None = None, image_type: int = IMAGE_TYPE) -> MeterOutput:
         """image (B, 3, H, W), text_ids (B, T), padding_mask (B, T) -> :class:`MeterOutput`."""
@@ -190,7 +211,8 @@ class METERModel(nn.Module):
         if self.encoder_decoder:
             mem, pad = self.memory(out)
             return self.decoder(None, mem, pad)[:, 0]
-        return torch.cat([self.text_pooler(out.text), self.image_pooler(out.image)], dim=-1)
+        image = out.image.mean(dim=1, keepdim=True) if self.pool_fused_mean else out.image
+        return torch.cat([self.text_pooler(out.text), self.image_pooler(image)], dim=-1)
 
     def decode(self, out: MeterOutput, ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Teacher-forced decoder logits (B, L, vocab) for input ids (B, L)."""
@@ -232,9 +254,9 @@ class METERModel(nn.Module):
 class MLMHead(nn.Module):
     """BERT prediction head: dense, GELU, LayerNorm, decoder to the vocabulary. (B, T, H) -> (B, T, V)."""
 
-    def __init__(self, dim: int, vocab_size: int):
+    def __init__(self, dim: int, vocab_size: int, eps: float = 1e-5):
         super().__init__()
-        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), LayerNorm32(dim))
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), LayerNorm32(dim, eps=eps))
         self.decoder = nn.Linear(dim, vocab_size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -255,9 +277,14 @@ def _init_heads(module: nn.Module) -> None:
 
 
 class _Wrapper(nn.Module):
-    """Holds ``meter``; parameters outside it are heads (the highest lr group)."""
+    """Holds ``meter``; parameters outside it are heads (the highest lr group).
+
+    ``official_heads`` maps the head prefixes of METER's released checkpoints to this wrapper's modules
+    (read by :mod:`multiway.meter.checkpoints`).
+    """
 
     backbone_prefix = "meter."
+    official_heads: dict[str, str] = {}
 
     def __init__(self, meter: METERModel | MeterConfig | str, **model_kwargs):
         super().__init__()
@@ -274,41 +301,69 @@ class _Wrapper(nn.Module):
 
 
 class METERForPretraining(_Wrapper):
-    """MLM (or span corruption for encoder-decoder: through the decoder's LM head), ITM and MIM heads."""
+    """MLM (or span corruption for encoder-decoder: through the decoder's LM head), ITM and MIM heads.
+
+    The MIM head exists when ``objectives.mim`` is on or ``mim_classes`` is given.
+    """
+
+    official_heads = {"mlm_score.": "mlm_head.", "itm_score.fc.": "itm_head."}
 
     def __init__(self, meter: METERModel | MeterConfig | str, mim_classes: int | None = None, **model_kwargs):
         super().__init__(meter, **model_kwargs)
         m = self.meter
         H = m.width
-        self.mlm_head = None if m.encoder_decoder else MLMHead(H, m.vocab_size)
+        self.mlm_head = None if m.encoder_decoder else MLMHead(H, m.vocab_size, m.config.fusion.layer_norm_eps)
         self.itm_head = nn.Linear(m.feature_dim, 2)
         patch_pixels = 3 * m.vision.reduction**2
-        self.mim_head = nn.Sequential(nn.Linear(H, H), nn.GELU(), LayerNorm32(H), nn.Linear(H, mim_classes or patch_pixels))
+        self.mim_head = None
+        if m.config.objectives.mim or mim_classes is not None:
+            self.mim_head = nn.Sequential(nn.Linear(H, H), nn.GELU(), LayerNorm32(H), nn.Linear(H, mim_classes or patch_pixels))
         for head in (self.mlm_head, self.itm_head, self.mim_head):
             if head is not None:
                 _init_heads(head)
 
 
 class METERForVQA(_Wrapper):
-    """VQA as multi-label classification over the answer vocabulary: (B, F) -> (B, num_labels)."""
+    """VQA as multi-label classification over the answer vocabulary: (B, F) -> (B, num_labels).
+
+    The head is METER's ``vqa_classifier``: Linear(F, F), LayerNorm, GELU, Linear(F, num_labels).
+    """
+
+    official_heads = {"vqa_classifier.": "head."}
 
     def __init__(self, meter: METERModel | MeterConfig | str, num_labels: int, **model_kwargs):
         super().__init__(meter, **model_kwargs)
         F_ = self.meter.feature_dim
-        self.head = classifier(F_, 2 * F_, num_labels)
+        self.head = classifier(F_, F_, num_labels)
         _init_heads(self.head)
 
     def forward(self, image: Tensor, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         return self.head(self.meter.features(self.meter.encode(image, text_ids, padding_mask)))
 
 
+class METERForSNLIVE(METERForVQA):
+    """SNLI-VE visual entailment (image premise, text hypothesis): 3 classes (entailment / neutral / contradiction),
+    METER's ``snli_classifier`` on the pooled features, trained with cross-entropy."""
+
+    official_heads = {"snli_classifier.": "head."}
+    num_classes = 3
+
+    def __init__(self, meter: METERModel | MeterConfig | str, **model_kwargs):
+        super().__init__(meter, num_labels=self.num_classes, **model_kwargs)
+
+
 class METERForNLVR2(_Wrapper):
-    """NLVR2: the text is fused with each image (type embeddings 1 and 2); features concatenated -> 2 classes."""
+    """NLVR2: the text is fused with each image (type embeddings 1 and 2); features concatenated -> 2 classes.
+
+    The head is METER's ``nlvr2_classifier``: Linear(2F, F), LayerNorm, GELU, Linear(F, 2).
+    """
+
+    official_heads = {"nlvr2_classifier.": "head."}
 
     def __init__(self, meter: METERModel | MeterConfig | str, **model_kwargs):
         super().__init__(meter, **model_kwargs)
         F_ = self.meter.feature_dim
-        self.head = classifier(2 * F_, 2 * F_, 2)
+        self.head = classifier(2 * F_, F_, 2)
         _init_heads(self.head)
 
     def forward(self, image: Tensor, image2: Tensor, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -321,6 +376,8 @@ class METERForNLVR2(_Wrapper):
 
 class METERForRetrieval(_Wrapper):
     """Image-text retrieval: the fusion scores a pair (``rank_head``); the dual projections propose candidates."""
+
+    official_heads = {"rank_output.": "rank_head."}
 
     def __init__(self, meter: METERModel | MeterConfig | str, itm_head: nn.Linear | None = None, **model_kwargs):
         super().__init__(meter, **model_kwargs)

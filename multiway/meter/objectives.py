@@ -323,7 +323,7 @@ def pretraining_loss(
         image_tokens = m.encode_image_tokens(image)
         sim = None
         if obj.itm_hard_negatives:
-            logits_itc = itc_logits(m, text_tokens[:, 0], image_tokens[:, 0])
+            logits_itc = itc_logits(m, text_tokens[:, 0], m.image_summary(image_tokens))
             losses["itc"] = itc_loss(logits_itc)
             sim = logits_itc
         neg = sample_negative_images(sim, B, dev)
