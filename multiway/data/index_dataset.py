@@ -122,19 +122,20 @@ def collate_batch(samples: Sequence[dict[str, Any] | None]) -> dict[str, Any]:
         return batch
     for key in kept[0]:
         values = [s[key] for s in kept]
-        v = values[0]
-        if isinstance(v, torch.Tensor):
+        if isinstance(values[0], torch.Tensor):
             batch[key] = torch.stack(values)
-        elif isinstance(v, bool) or isinstance(v, (int, np.integer)):
-            batch[key] = torch.tensor(values, dtype=torch.long)
-        elif isinstance(v, float):
-            batch[key] = torch.tensor(values, dtype=torch.float32)
-        elif isinstance(v, list) and v and isinstance(v[0], float):
-            batch[key] = torch.tensor(values, dtype=torch.float32)
-        elif isinstance(v, list) and v and isinstance(v[0], (int, bool)):
-            batch[key] = torch.tensor(values, dtype=torch.long)
-        else:
+            continue
+        # The dtype comes from every value, not the first: [1, 0.5] or a score list [1, 0.3] must stay floats.
+        rows = [v if isinstance(v, list) else [v] for v in values]
+        flat = [x for row in rows for x in row]
+        numbers = flat and all(isinstance(x, (int, float, np.integer, np.floating)) for x in flat)
+        if not numbers or (isinstance(values[0], list) and not values[0]):
             batch[key] = values
+            continue
+        if isinstance(values[0], list) and len({len(r) for r in rows}) > 1:
+            raise ValueError(f"collate_batch: key {key!r} holds lists of different lengths {sorted({len(r) for r in rows})}")
+        integral = all(isinstance(x, (int, np.integer)) for x in flat)  # bool is an int
+        batch[key] = torch.tensor(values, dtype=torch.long if integral else torch.float32)
     return batch
 
 

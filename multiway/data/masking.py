@@ -47,6 +47,8 @@ class BlockMaskingGenerator:
 
     @classmethod
     def from_ratio(cls, input_size: int | tuple[int, int], ratio: float = 0.4, **kwargs) -> BlockMaskingGenerator:
+        if not 0 <= ratio <= 1:  # also refuses NaN
+            raise ValueError(f"masking ratio must be in [0, 1], got {ratio}")
         h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
         return cls((h, w), int(round(ratio * h * w)), **kwargs)
 
@@ -128,8 +130,14 @@ def mask_text(
         masked ids (same shape), bool mask of the chosen positions, labels (the original ids there,
         ``IGNORE_INDEX`` elsewhere).
     """
-    if abs(sum(replace_probs) - 1.0) > 1e-6 or len(replace_probs) != 3:
+    if len(replace_probs) != 3 or abs(sum(replace_probs) - 1.0) > 1e-6 or min(replace_probs) < 0:
         raise ValueError(f"replace_probs must be 3 probabilities summing to 1, got {replace_probs}")
+    if not 0 <= ratio <= 1:
+        raise ValueError(f"mask_text: ratio must be in [0, 1], got {ratio}")
+    if vocab_size <= random_low:
+        raise ValueError(f"mask_text: vocab_size={vocab_size} leaves no ids for random replacement in [random_low={random_low}, vocab_size)")
+    if ids.shape != padding_mask.shape or ids.dim() not in (1, 2):
+        raise ValueError(f"mask_text: ids {tuple(ids.shape)} and padding_mask {tuple(padding_mask.shape)} must share a (T,) or (B, T) shape")
     squeeze = ids.dim() == 1
     ids2, pad2 = (ids[None], padding_mask[None]) if squeeze else (ids, padding_mask)
     maskable = (pad2 == 0) & ~torch.isin(ids2, torch.tensor(list(special_ids), dtype=ids2.dtype))
@@ -171,6 +179,10 @@ def mask_captioning(
     masked_pos = [0] * len(tokens)
     if num_tokens < 2:
         raise ValueError(f"captioning masking needs at least 2 tokens (<s> and </s>), got {num_tokens}")
+    if num_tokens > len(tokens):
+        raise ValueError(f"mask_captioning: num_tokens={num_tokens} exceeds the {len(tokens)} tokens given")
+    if vocab_size < 4:
+        raise ValueError(f"mask_captioning: vocab_size={vocab_size} leaves no ids for random replacement in [3, vocab_size - 1]")
     to_mask = max(1, min(int(num_tokens * mask_prob + 0.5), num_tokens - 1))
     done = 0
     while done < to_mask:

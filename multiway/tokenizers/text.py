@@ -87,7 +87,15 @@ class TextTokenizer:
         return spm_id + FAIRSEQ_OFFSET
 
     def text_to_ids(self, text: str) -> list[int]:
-        """Token ids of ``text`` without special tokens (what the official indexes store as ``text_segment``)."""
+        """Token ids of ``text`` without special tokens (what the official indexes store as ``text_segment``).
+
+        Lone UTF-16 surrogates (JSON escapes such as ``"\\ud800"``) have no UTF-8 form, which SentencePiece needs;
+        they become U+FFFD (and so ``<unk>``)."""
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         return [self._to_fairseq(i) for i in self.sp.encode(text)]
 
     def encode(self, text: str | Sequence[int], max_len: int) -> tuple[list[int], list[int]]:
