@@ -46,6 +46,10 @@ class MultiwayConfig:
     shared_attention: bool = False
     vl_expert_layers: int = 0
     grad_checkpointing: bool = False
+    # Recompute the LayerNorms, sub-LayerNorms and GELU of each block in backward instead of keeping their outputs
+    # (selective activation checkpointing; the matmuls are not rerun): about half a block's activation memory,
+    # same outputs and gradients. See multiway/model/recompute.py.
+    recompute_norms: bool = True
     # Std of the position tables at init (only matters when training from scratch). The official code leaves them
     # at nn.Embedding's N(0, 1), which at small widths drowns the token and patch embeddings (std ~D^-1/2 and
     # ~0.04): a from-scratch tiny model then sees mostly positions and its [CLS] barely depends on the input.

@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from ..config import MultiwayConfig
+from .config import MultiwayConfig
+from .recompute import RecomputePolicy, block_policy, run_block
 
 # Official position tables reserve rows 0 and 1 (fairseq's padding offset); real positions start at 2.
 POSITION_OFFSET = 2
@@ -292,6 +292,7 @@ class MultiwayTransformer(nn.Module):
         self.vision_embed = VisionEmbedding(cfg)
         self.encoder = Encoder(cfg)
         self.grad_checkpointing = cfg.grad_checkpointing
+        self.recompute_norms = cfg.recompute_norms
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -306,6 +307,13 @@ class MultiwayTransformer(nn.Module):
                 table.reset_parameters()
             else:
                 trunc_normal_(table.weight, std=std)
+
+    @property
+    def recompute_policy(self) -> RecomputePolicy:
+        """What the blocks keep for backward in training (see :mod:`multiway.model.recompute`); "none" in eval."""
+        if not self.training:
+            return "none"
+        return block_policy(self.grad_checkpointing, self.recompute_norms)
 
     @property
     def num_layers(self) -> int:
@@ -402,10 +410,7 @@ class MultiwayTransformer(nn.Module):
         for layer in self.encoder.layers:
             if output_hidden_states:
                 hidden_states.append(join(segments))
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                segments = checkpoint(layer, segments, experts, mask, fused, kv_cache, use_reentrant=False)
-            else:
-                segments = layer(segments, experts, mask, fused, kv_cache)
+            segments = run_block(layer, self.recompute_policy, segments, experts, mask, fused, kv_cache)
         if kv_cache is not None and num_vision > 0:
             kv_cache.has_vision = True
         if self.encoder.layer_norm is not None:
@@ -636,10 +641,7 @@ class MultiwayTransformer(nn.Module):
         batch, mask = x.shape[0], None
         if window:
             x, mask = window_partition(x, grid, window)
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            x = checkpoint(layer, [x], ["A"], mask, False, None, use_reentrant=False)[0]
-        else:
-            x = layer([x], ["A"], mask, False, None)[0]
+        x = run_block(layer, self.recompute_policy, [x], ["A"], mask, False, None)[0]
         return window_unpartition(x, batch, grid, window) if window else x
 
 
