@@ -24,13 +24,13 @@ class ServingData:
     vqa: Path
 
 
-def _run_folder(out: Path, head: str, spm: Path, labels: list[str] | None = None, **kwargs) -> Path:
+def _run_folder(out: Path, head: str, spm: Path, task: str, labels: list[str] | None = None, options: dict | None = None,
+                **kwargs) -> Path:
     torch.manual_seed(0)
     model = multiway.create_model(f"beit3_tiny_patch8_32_{head}", **kwargs)
     out.mkdir(parents=True, exist_ok=True)
     multiway.save_pretrained(model, out / "model.safetensors")
-    meta = {"model_task": head, "normalize": "vl", "tokenizer": str(spm), "labels": labels, "max_text_len": 16,
-            "generation": {"num_beams": 1, "max_len": 6, "length_penalty": 0.6}}
+    meta = {"task": task, "model_task": head, "tokenizer": str(spm), "labels": labels, "max_text_len": 16, "options": options or {}}
     (out / "task.json").write_text(json.dumps(meta))
     return out
 
@@ -42,7 +42,8 @@ def make_serving_data(root: Path) -> ServingData:
         root=root,
         images=root / "images" / "train",
         tokenizer=spm,
-        retrieval=_run_folder(root / "runs" / "retrieval", "retrieval", spm),
-        captioner=_run_folder(root / "runs" / "captioning", "captioning", spm),
-        vqa=_run_folder(root / "runs" / "vqa", "vqav2", spm, labels=list(NAMES), num_classes=len(NAMES)),
+        retrieval=_run_folder(root / "runs" / "retrieval", "retrieval", spm, "coco_retrieval"),
+        captioner=_run_folder(root / "runs" / "captioning", "captioning", spm, "coco_captioning",
+                              options={"num_beams": 1, "max_gen_len": 6}),
+        vqa=_run_folder(root / "runs" / "vqa", "vqav2", spm, "vqav2", labels=list(NAMES), num_classes=len(NAMES)),
     )

@@ -162,6 +162,17 @@ class CaptioningEncoder(nn.Module):
         return self.model.beit3.encode_image(self.normalize(pixels))
 
 
+def normalization_of(transform) -> tuple[list[float], list[float]]:
+    """(mean, std) of the ``Normalize`` step in a predictor's image transform (a torchvision/timm ``Compose``)."""
+    steps = list(getattr(transform, "transforms", [transform]))
+    for step in steps:
+        if hasattr(step, "mean") and hasattr(step, "std"):
+            mean, std = [float(x) for x in step.mean], [float(x) for x in step.std]
+            if len(mean) == len(std) == 3:
+                return mean, std
+    raise ExportError(f"cannot find the normalisation (a Normalize step) in the model's image transform {transform!r}")
+
+
 def _model_kind(model: nn.Module) -> str:
     import multiway
 
@@ -345,11 +356,12 @@ def export_model(model: str | os.PathLike | nn.Module, part: str, fmt: str, out:
         build_graph(nn.Module(), part, (0.5,) * 3, (0.5,) * 3)  # raises the part's error before loading anything
     pred = load_predictor(model, device="cpu")
     net = pred.model.float().eval()
-    graph, names, outputs = build_graph(net, part, pred.mean, pred.std)
+    mean, std = normalization_of(pred.transform)
+    graph, names, outputs = build_graph(net, part, mean, std)
     config = net.config
     max_text = int(config.max_text_positions) - 2  # fairseq-style positions start at 2 (pad + 1)
     spec = ExportSpec(part=part, format=fmt, model=str(model) if not isinstance(model, nn.Module) else type(model).__name__,
-                      inputs=names, outputs=outputs, img_size=int(config.img_size), mean=list(pred.mean), std=list(pred.std),
+                      inputs=names, outputs=outputs, img_size=int(config.img_size), mean=mean, std=std,
                       max_text_len=max_text, embed_dim=int(config.embed_dim),
                       labels=pred.labels if part == "vqav2" else None)
     return export_graph(graph, names, outputs, spec, out, vocab_size=int(config.vocab_size), max_text=max_text, tolerance=tolerance)
@@ -370,6 +382,7 @@ __all__ = [
     "export_graph",
     "export_model",
     "max_abs_diff",
+    "normalization_of",
     "onnx_outputs",
     "read_spec",
     "text_padding_mask",
