@@ -48,16 +48,25 @@ class Attention(nn.Module):
         self.dropout = dropout
         self.fp32 = fp32
 
-    def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, causal: bool = False) -> Tensor:
-        context = x if context is None else context
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-head keys and values of ``context`` (B, Lk, D): two (B, heads, Lk, D/heads) tensors (what a cache holds)."""
+        B, Lk, _ = context.shape
+        k = self.k(context).view(B, Lk, self.num_heads, -1).transpose(1, 2)
+        v = self.v(context).view(B, Lk, self.num_heads, -1).transpose(1, 2)
+        return k, v
+
+    def forward(
+        self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None, causal: bool = False,
+        kv: tuple[Tensor, Tensor] | None = None,
+    ) -> Tensor:
+        """``kv`` (from :meth:`keys_values`, possibly cached) replaces projecting ``context``."""
         B, Lq, D = x.shape
         h = self.num_heads
         q = self.q(x).view(B, Lq, h, -1).transpose(1, 2)
-        k = self.k(context).view(B, context.shape[1], h, -1).transpose(1, 2)
-        v = self.v(context).view(B, context.shape[1], h, -1).transpose(1, 2)
+        k, v = kv if kv is not None else self.keys_values(x if context is None else context)
         dtype = q.dtype
         if causal:
-            tri = torch.ones(Lq, context.shape[1], dtype=torch.bool, device=x.device).tril()
+            tri = torch.ones(Lq, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - Lq)
             mask = tri if mask is None else mask & tri
         p = self.dropout if self.training else 0.0
         if self.fp32 and dtype != torch.float32:
@@ -113,6 +122,28 @@ class FusionLayer(nn.Module):
         x = self.norm1(x + self.drop(self.self_attn(x, mask=self_mask, causal=causal)))
         if self.cross_attn is not None:
             x = self.norm2(x + self.drop(self.cross_attn(x, context, mask=context_mask)))
+        return self.norm3(x + self.ffn(x))
+
+
+    def step(self, x: Tensor, cache: dict[str, Tensor], context: Tensor, context_mask: Tensor | None = None) -> Tensor:
+        """One incremental decoder step: x (B, 1, D), the new position only; ``cache`` holds this layer's self-attention
+        keys/values of the earlier positions (``"k"``, ``"v"``) and the context's (``"ck"``, ``"cv"``; filled on the first
+        call) and is updated in place. Equals :meth:`forward` with ``causal=True`` on the whole prefix, last row."""
+        if "ck" not in cache:
+            ctx = self.norm_context(context) if self.norm_first else context
+            cache["ck"], cache["cv"] = self.cross_attn.keys_values(ctx)
+        h = self.norm1(x) if self.norm_first else x
+        k, v = self.self_attn.keys_values(h)
+        if "k" in cache:
+            k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+        cache["k"], cache["v"] = k, v
+        a = self.drop(self.self_attn(h, kv=(k, v)))
+        if self.norm_first:
+            x = x + a
+            x = x + self.drop(self.cross_attn(self.norm2(x), mask=context_mask, kv=(cache["ck"], cache["cv"])))
+            return x + self.ffn(self.norm3(x))
+        x = self.norm1(x + a)
+        x = self.norm2(x + self.drop(self.cross_attn(x, mask=context_mask, kv=(cache["ck"], cache["cv"]))))
         return self.norm3(x + self.ffn(x))
 
 

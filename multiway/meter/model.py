@@ -87,6 +87,22 @@ class Decoder(nn.Module):
             x = layer(x, self_mask, memory, mem_mask, causal=ids is not None)
         return self.norm(x)
 
+    def new_cache(self) -> list[dict[str, Tensor]]:
+        """An empty key/value cache for :meth:`step`: one dict per layer."""
+        return [{} for _ in self.layers]
+
+    def step(self, ids: Tensor, position: int, memory: Tensor, memory_pad: Tensor | None, cache: list[dict[str, Tensor]]) -> Tensor:
+        """Incremental decoding: ids (B, 1) at ``position`` -> hidden (B, 1, H), the cache updated in place.
+
+        Feeding positions 0, 1, ... one at a time gives what :meth:`forward` gives on the whole prefix."""
+        if position >= self.max_len:
+            raise ValueError(f"decoder position {position} exceeds decoder.max_len={self.max_len}")
+        x = self.embed_norm(self.embed(ids) + self.positions.weight[position])
+        mem_mask = key_mask(memory_pad)
+        for layer, layer_cache in zip(self.layers, cache):
+            x = layer.step(x, layer_cache, memory, mem_mask)
+        return self.norm(x)
+
 
 class METERModel(nn.Module):
     """Vision encoder + text encoder -> linear projections (+ modality-type embeddings) -> fusion [-> decoder].
@@ -222,30 +238,20 @@ class METERModel(nn.Module):
         return self.decoder.lm_head(self.decoder(ids, mem, pad, padding_mask))
 
     @torch.no_grad()
-    def generate(self, image: Tensor, max_len: int = 20, text_ids: Tensor | None = None) -> Tensor:
-        """Greedy decoding of a caption from the image (the encoder's text is ``<s></s>`` unless given).
+    def generate(self, image: Tensor, max_len: int = 20, text_ids: Tensor | None = None, **options) -> Tensor:
+        """Decode captions (greedy by default; ``num_beams``, ``length_penalty``, ``early_stopping``, ``use_cache``
+        as :func:`multiway.meter.generation.generate`). The encoder's text is ``<s></s>`` unless given.
 
         Returns (B, <= max_len) ids starting after ``<s>``, ``pad`` after ``</s>``.
         """
-        B = image.shape[0]
-        if text_ids is None:
-            text_ids = torch.tensor([[self.bos_id, self.eos_id]], device=image.device).expand(B, -1)
-        out = self.encode(image, text_ids)
-        mem, pad = self.memory(out)
-        ids = torch.full((B, 1), self.bos_id, dtype=torch.long, device=image.device)
-        done = torch.zeros(B, dtype=torch.bool, device=image.device)
-        max_len = min(max_len, self.decoder.max_len - 1)
-        for _ in range(max_len):
-            logits = self.decoder.lm_head(self.decoder(ids, mem, pad)[:, -1]).float()
-            logits[:, self.sentinel_start :] = float("-inf")  # sentinels are for span corruption only
-            logits[:, self.pad_id] = float("-inf")
-            nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done |= nxt == self.eos_id
-            if bool(done.all()):
-                break
-        return ids[:, 1:]
+        from .generation import generate
+
+        if not self.encoder_decoder:
+            raise ValueError("generate() needs architecture='encoder_decoder'; accepted values for generation: 'encoder_decoder'")
+        seqs = generate(self, image, max_len=min(max_len, self.decoder.max_len - 1) + 1, text_ids=text_ids, **options).sequences
+        seqs = seqs[:, 1:]
+        width = int((seqs != self.pad_id).sum(1).max().item()) if seqs.numel() else 0
+        return seqs[:, : max(width, 1)]
 
 
 # --- heads ------------------------------------------------------------------------------------------------
