@@ -62,10 +62,11 @@ def _build(impl: str, cfg: dict, weights: str, device: str):
     from safetensors.torch import load_file
 
     state = load_file(weights)
-    if impl == "multiway":
+    if impl in ("multiway", "multiway_plain"):
         import multiway
 
-        model = multiway.create_model("beit3_base_patch16_224", **cfg)
+        # multiway_plain: the same model without the selective recomputation of norms and GELU in backward
+        model = multiway.create_model("beit3_base_patch16_224", recompute_norms=impl == "multiway", **cfg)
         multiway.load_checkpoint(model, state)
 
         def run(image, ids, pad):
@@ -152,7 +153,7 @@ def _spawn(python: str, impl: str, mode: str, common: list[str], out_file: str) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="beit3_base_patch16_224")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. depth=2")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="MultiwayConfig overrides (values parsed as YAML), e.g. depth=2")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--text-len", type=int, default=64)
     p.add_argument("--iters", type=int, default=3)
@@ -160,9 +161,10 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--torchscale-python", default=None, help="interpreter of an environment with torchscale")
     p.add_argument("--repeats", type=int, default=1, help="alternate the implementations this many times, keep the best")
+    p.add_argument("--plain", action="store_true", help="also time multiway without recomputation (recompute_norms=False)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     # worker-only arguments
-    p.add_argument("--worker", choices=("multiway", "torchscale"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("multiway", "multiway_plain", "torchscale"), help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     p.add_argument("--weights", help=argparse.SUPPRESS)
     p.add_argument("--config-json", help=argparse.SUPPRESS)
@@ -175,12 +177,12 @@ def main() -> None:
         return
 
     import multiway
-    from multiway.model.cli import parse_overrides
+    from multiway.config import apply_overrides
 
-    cfg_obj = multiway.get_config(a.preset, **parse_overrides(a.set))
+    cfg_obj = apply_overrides(multiway.get_config(a.preset), a.overrides)
     keys = ("depth", "embed_dim", "num_heads", "ffn_dim", "img_size", "patch_size", "vocab_size", "max_text_positions")
     cfg = {k: getattr(cfg_obj, k) for k in keys}
-    impls = [("multiway", sys.executable)]
+    impls = [("multiway", sys.executable)] + ([("multiway_plain", sys.executable)] if a.plain else [])
     if a.torchscale_python:
         impls.append(("torchscale", a.torchscale_python))
     else:
@@ -201,12 +203,14 @@ def main() -> None:
         common = ["--weights", weights, "--config-json", json.dumps(cfg), "--batch", str(a.batch), "--text-len", str(a.text_len),
                   "--iters", str(a.iters), "--device", a.device]
         best: dict[tuple[str, str], dict] = {}
+        runs: list[dict] = []  # every measurement, in the order taken (the implementations alternate)
         max_diff: dict[str, float] = {}
         for mode in a.modes:
             for _ in range(a.repeats):
                 for impl, python in impls:
                     out_file = os.path.join(tmp, f"{impl}_{mode}.pt")
                     r = _spawn(python, impl, mode, common, out_file)
+                    runs.append(dict(r))
                     prev = best.get((impl, mode))
                     if prev is None:
                         best[(impl, mode)] = r
@@ -214,20 +218,26 @@ def main() -> None:
                         for k in ("fwd_samples_per_s", "train_samples_per_s"):
                             prev[k] = max(prev[k], r[k])
                         prev["train_peak_mb"] = min(prev["train_peak_mb"], r["train_peak_mb"])
-            if len(impls) == 2:
+            if "torchscale" in dict(impls):
                 ours, ref = (torch.load(os.path.join(tmp, f"{i}_{mode}.pt")) for i in ("multiway", "torchscale"))
                 max_diff[mode] = (ours - ref).abs().max().item()
 
     device_name = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"CPU ({os.cpu_count()} cores)"
+    has_ref = "torchscale" in dict(impls)
     print(f"\n{a.preset} {cfg} batch {a.batch}, text {a.text_len} tokens, {device_name}, torch {torch.__version__}")
-    header = f"{'mode':<7} {'impl':<11} {'fwd samples/s':>14} {'fwd+bwd samples/s':>18} {'train peak MiB':>15}"
-    print(header + (f" {'speed ratio':>11} {'mem ratio':>9} {'max|Δ|':>9}" if len(impls) == 2 else ""))
+    header = f"{'mode':<7} {'impl':<15} {'fwd samples/s':>14} {'fwd+bwd samples/s':>18} {'train peak MiB':>15}"
+    print(header + (f" {'speed ratio':>11} {'mem ratio':>9} {'max|Δ|':>9}" if has_ref else ""))
     rows = []
     for mode in a.modes:
         for impl, _ in impls:
             r = best[(impl, mode)]
-            line = f"{mode:<7} {impl:<11} {r['fwd_samples_per_s']:>14.2f} {r['train_samples_per_s']:>18.2f} {r['train_peak_mb']:>15.0f}"
-            if len(impls) == 2 and impl == "multiway":
+            mine = [x for x in runs if x["impl"] == impl and x["mode"] == mode]
+            # the spread over the repeats: the CPU is shared, so single readings move by several percent
+            r["repeats"] = len(mine)
+            for k in ("fwd_samples_per_s", "train_samples_per_s", "train_peak_mb"):
+                r[f"{k}_range"] = [min(x[k] for x in mine), max(x[k] for x in mine)]
+            line = f"{mode:<7} {impl:<15} {r['fwd_samples_per_s']:>14.2f} {r['train_samples_per_s']:>18.2f} {r['train_peak_mb']:>15.0f}"
+            if has_ref and impl != "torchscale":
                 ref = best[("torchscale", mode)]
                 r["train_speed_ratio"] = r["train_samples_per_s"] / ref["train_samples_per_s"]
                 r["fwd_speed_ratio"] = r["fwd_samples_per_s"] / ref["fwd_samples_per_s"]
@@ -238,9 +248,9 @@ def main() -> None:
             rows.append(r)
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        meta = {"preset": a.preset, "config": cfg, "batch": a.batch, "text_len": a.text_len, "device": device_name, "torch": torch.__version__}
-        Path(a.out).write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
-
+        meta = {"preset": a.preset, "config": cfg, "batch": a.batch, "text_len": a.text_len, "device": device_name,
+                "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average": os.getloadavg()}
+        Path(a.out).write_text(json.dumps({"meta": meta, "results": rows, "runs": runs}, indent=2))
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -206,6 +206,17 @@ def coerce(value: Any, tp: Any, where: str = "value") -> Any:
     raise ConfigError(f"{where}: cannot read a value of type {_type_name(tp)} from a config")
 
 
+def check_keys(data: Mapping[str, Any], valid: Iterable[str], section: str, prefix: str | None = None) -> None:
+    """Refuse keys of ``data`` outside ``valid``: a :class:`ConfigError` naming each unknown key by its dotted path
+    (``prefix.key``; ``prefix`` defaults to ``section``) and the valid keys of ``section``."""
+    valid = set(valid)
+    unknown = [k for k in data if k not in valid]
+    if unknown:
+        prefix = section if prefix is None else prefix
+        keys = ", ".join(repr(_join(prefix, str(k))) for k in unknown)
+        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {keys}; valid keys of {section}: {sorted(valid)}")
+
+
 def _default_of(field: dataclasses.Field) -> Any:
     if field.default is not dataclasses.MISSING:
         return field.default
@@ -232,10 +243,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
     if not isinstance(data, Mapping):
         raise ConfigError(f"{section}: expected a mapping of {cls.__name__} keys, got {data!r} ({type(data).__name__})")
     types_ = field_types(cls)
-    unknown = [k for k in data if k not in types_]
-    if unknown:
-        keys = ", ".join(repr(_join(where, str(k))) for k in unknown)
-        raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} {keys}; valid keys of {section}: {sorted(types_)}")
+    check_keys(data, types_, where or cls.__name__, prefix=where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     missing = []

@@ -56,8 +56,9 @@ def test_convert_cli(tmp_path):
     torch.save({"model": sd}, tmp_path / "r.pth")
     from multiway.cli import main
 
-    overrides = [f"{k}={v}" for k, v in GOLDEN_CONFIG.items()]
-    assert main(["convert", str(tmp_path / "r.pth"), str(tmp_path / "r.safetensors"), "--model", "beit3_base_patch16_224_retrieval", "--set", *overrides]) == 0
+    overrides = [f"model_config.{k}={v}" for k, v in GOLDEN_CONFIG.items()]
+    out = str(tmp_path / "r.safetensors")
+    assert main(["convert", str(tmp_path / "r.pth"), out, "--model", "beit3_base_patch16_224_retrieval", *overrides]) == 0
     model = multiway.create_model(tmp_path / "r.safetensors")
     assert torch.equal(model.state_dict()["logit_scale"], sd["logit_scale"])
 

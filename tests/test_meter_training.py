@@ -219,9 +219,9 @@ def test_study_cli_writes_table_and_plot(builtin, tmp_path):
     from multiway.cli import main
 
     out = tmp_path / "study"
-    rc = main(["study", "meter", "--data", str(builtin), "--out", str(out), "--fusions", "co_attention", "merged_attention",
-               "--architectures", "encoder_only", "--objectives", "itm", "--encoders", "vit+embedding",
-               "--tasks", "vqa", "--pretrain-steps", "1", "--finetune-steps", "1"])
+    rc = main(["study", "meter", "--data", str(builtin), "--out", str(out), "fusions=[co_attention, merged_attention]",
+               "architectures=[encoder_only]", "objectives=[itm]", "encoders=[vit+embedding]", "tasks=[vqa]",
+               "pretrain_steps=1", "finetune_steps=1"])
     assert rc == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [r["fusion"] for r in rows] == ["co_attention", "merged_attention"]

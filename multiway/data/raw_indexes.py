@@ -14,7 +14,6 @@ from typing import Any
 
 from multiway.constants import VQA_ANSWER_FILE
 from multiway.data.io import DataError, DataErrors, read_jsonl, write_jsonl
-from multiway.downstream.metrics import normalize_vqa_answer, vqa_soft_score
 
 
 def _ids(tokenizer: Any, text: str) -> list[int]:
@@ -112,6 +111,9 @@ def build_vqa_index(data_dir: str | os.PathLike, tokenizer: Any,
     counted and scored ``min(1, 0.3*count)``; questions without an in-vocabulary answer are dropped from splits
     with annotations. Returns {file: item count}.
     """
+    # lazy: the VQA answer rules live with the metric, and the downstream package imports the data package
+    from multiway.downstream.metrics import normalize_vqa_answer, vqa_soft_score
+
     loaded: dict[str, list[tuple[list[dict], dict[int, dict] | None, str]]] = {}
     for name, parts in splits.items():
         loaded[name] = []

@@ -20,11 +20,11 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from ..config import load_yaml
+from ..config import check_literals
 from ..train.loop import train
 from .config import TINY_TEXT, MeterConfig, tiny_config
 from .model import METERForPretraining, count_parameters
@@ -75,7 +75,7 @@ class StudyConfig:
     lr: float = 2e-4  # "bottom" lr; top x5, heads x10 (tiny models from scratch need more than the paper's 1e-5)
     lr_mult_top: float = 5.0
     lr_mult_head: float = 10.0
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast needs a GPU
     seed: int = 0
     max_eval_items: int = 128
     num_images: int = 400  # scenes of the built-in data when it is generated
@@ -84,6 +84,8 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         from .config import ARCHITECTURES, FUSION_KINDS
+
+        check_literals(self)
 
         for option, values, accepted in (
             ("fusions", self.fusions, FUSION_KINDS),
@@ -95,17 +97,6 @@ class StudyConfig:
             bad = [v for v in values if v not in accepted]
             if bad:
                 raise ValueError(f"study {option}: {bad} not supported; accepted values: {', '.join(accepted)}")
-
-    @classmethod
-    def load(cls, path: str | Path, **overrides: Any) -> StudyConfig:
-        data = load_yaml(Path(path).read_text()) or {}
-        data = data.get("study", data)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"{path}: unknown study field(s) {sorted(unknown)}; valid: {sorted(names)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
 
 
 # --- data -------------------------------------------------------------------------------------------------

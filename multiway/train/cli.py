@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
+from multiway.config import add_config_arguments, config_from_args
+
 
 def _pretrain(args: argparse.Namespace) -> int:
-    from .pretrain import load_pretrain_config, pretrain
+    from .pretrain import PretrainConfig, pretrain
 
-    cfg = load_pretrain_config(args.config, args.overrides)
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=1))
-        return 0
+    cfg = config_from_args(PretrainConfig, args)
     metrics = pretrain(cfg, resume=not args.no_resume)
     print(json.dumps(metrics, indent=1))
     return 0
@@ -32,13 +31,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
         help="BEiT-3 masked-data-modeling pretraining (torchrun for several processes)",
         description="Pretrain a Multiway Transformer. Multi-GPU: torchrun --nproc_per_node N -m multiway.cli pretrain ...",
     )
-    p.add_argument("--config", required=True, help="YAML recipe, e.g. configs/pretrain_tiny.yaml")
-    p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
-        help="config overrides parsed as YAML: train.max_steps=100, lr=5e-4 (bare TrainConfig fields), data.dir=..., batch.text=64",
-    )
-    p.add_argument("--no-resume", action="store_true", help="start over even if RUN_DIR has checkpoints")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_config_arguments(p, "YAML recipe, e.g. configs/pretrain_tiny.yaml (default: PretrainConfig's defaults)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if train.out_dir has checkpoints")
     p.set_defaults(func=_pretrain)
 
     q = subparsers.add_parser("plot", help="PNG curves (loss, accuracy, lr, throughput) from RUN_DIR/metrics.csv")

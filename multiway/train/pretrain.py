@@ -20,25 +20,26 @@ replays the data exactly (by re-reading the skipped batches — cheap at laptop 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import load_yaml
+from ..config import check_literals, from_dict, load_config, to_dict
 from .loop import TrainConfig, _mix, train
 from .objectives import masked_accuracy_counts, mdm_loss, pair_contrastive_loss
 
 
 @dataclass
 class DataConfig:
+    """Where the pretraining streams come from (``data:`` of a pretraining config)."""
+
     dir: str = "multiway_data/shapes"  # data root; relative sources below resolve against it
     builtin: bool = True  # generate the shapes data set in `dir` if it is missing
     builtin_num_images: int = 2000
@@ -54,62 +55,46 @@ class DataConfig:
 
 @dataclass
 class PretrainConfig:
-    model: str = "beit3_tiny_patch8_32"
-    model_overrides: dict[str, Any] = field(default_factory=lambda: {"drop_path_rate": 0.1})
+    """A pretraining run: the model, the tokenizers, the masking of each stream, the data and the training loop."""
+
+    model: str = "beit3_tiny_patch8_32"  # a preset name (multiway.PRESETS)
+    model_overrides: dict[str, Any] = field(default_factory=lambda: {"drop_path_rate": 0.1})  # MultiwayConfig fields
     text_tokenizer: str = "shapes.spm"  # relative to data.dir
     visual_tokenizer: str | None = None  # VQ-KD .safetensors; None = train a tiny one with the pixels teacher (cached)
-    vqkd_preset: str = "vqkd_tiny_patch8_32"
-    vqkd_steps: int = 300
-    visual_tokens: str = "online"  # or "precomputed"
+    vqkd_preset: str = "vqkd_tiny_patch8_32"  # the VQ-KD trained when visual_tokenizer is None
+    vqkd_steps: int = 300  # its training steps
+    # "online": visual tokens computed on the training device; "precomputed": read from the shards
+    visual_tokens: Literal["online", "precomputed"] = "online"
+    # per rank and micro-batch, by stream (text, image, pair); paper: 2048 each
     batch: dict[str, int] = field(default_factory=lambda: {"text": 32, "image": 32, "pair": 32})
-    text_mask_ratio: float = 0.15
-    pair_text_mask_ratio: float = 0.5
-    image_mask_ratio: float = 0.4
+    text_mask_ratio: float = 0.15  # of the text-only stream's tokens
+    pair_text_mask_ratio: float = 0.5  # of the pairs' text tokens
+    image_mask_ratio: float = 0.4  # of the image patches, block-wise
     pair_image_mask_ratio: float = 0.0  # > 0 also masks the image of pairs
     # > 0 adds an image-text contrastive loss on the pairs (dual-encoder heads, as the official *_itc checkpoints
     # carry): the retrieval [CLS] outputs, which masked data modeling never trains, learn from the pairs too
     itc_weight: float = 0.0
-    text_replace_probs: tuple[float, float, float] = (1.0, 0.0, 0.0)  # (mask, random, keep)
-    color_jitter: float = 0.4
-    crop_scale: tuple[float, float] = (0.5, 1.0)
-    hflip: bool = True
+    text_replace_probs: tuple[float, float, float] = (1.0, 0.0, 0.0)  # masked tokens become (mask, random, kept)
+    color_jitter: float = 0.4  # image augmentation strength
+    crop_scale: tuple[float, float] = (0.5, 1.0)  # RandomResizedCrop area range
+    hflip: bool = True  # random horizontal flips
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/pretrain_tiny", max_steps=300))
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown pretraining config key(s) {sorted(unknown)}; valid: {sorted(names)}")
-        data = DataConfig(**d.pop("data", {}) or {})
-        tr = d.pop("train", None) or {}
-        if "out_dir" not in tr or "max_steps" not in tr:
-            raise ValueError("pretraining config: train.out_dir and train.max_steps are required")
-        return cls(data=data, train=TrainConfig.from_dict(tr), **d)
+    def __post_init__(self) -> None:
+        check_literals(self)
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["train"] = self.train.to_dict()
-        return d
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
+        return from_dict(cls, d)
 
 
-def load_pretrain_config(path: str | Path, overrides: list[str] = ()) -> PretrainConfig:
-    """Read a YAML config and apply ``key.sub=value`` overrides (values parsed as YAML)."""
-    raw = load_yaml(Path(path).read_text()) or {}
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value (e.g. train.max_steps=100)")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        if len(parts) == 1 and parts[0] in {f.name for f in dataclasses.fields(TrainConfig)} and parts[0] not in raw:
-            parts = ["train", parts[0]]  # bare TrainConfig field: lr=3e-4
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = load_yaml(value)
-    return PretrainConfig.from_dict(raw)
+def load_pretrain_config(path: str | Path | None, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """A YAML config (``None``: the defaults) with ``key.sub=value`` overrides (values parsed as YAML)."""
+    return load_config(PretrainConfig, path, overrides)
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -172,9 +157,11 @@ class PretrainTask:
         self.root = Path(cfg.data.dir)
         grid = model_config.img_size // model_config.patch_size
         n = grid * grid
-        self.image_masker = BlockMaskingGenerator.from_ratio(grid, cfg.image_mask_ratio, min_num_patches=_min_block(round(cfg.image_mask_ratio * n)))
+        self.image_masker = BlockMaskingGenerator.from_ratio(
+            grid, cfg.image_mask_ratio, min_num_patches=_min_block(round(cfg.image_mask_ratio * n)))
         self.pair_image_masker = (
-            BlockMaskingGenerator.from_ratio(grid, cfg.pair_image_mask_ratio, min_num_patches=_min_block(round(cfg.pair_image_mask_ratio * n)))
+            BlockMaskingGenerator.from_ratio(
+                grid, cfg.pair_image_mask_ratio, min_num_patches=_min_block(round(cfg.pair_image_mask_ratio * n)))
             if cfg.pair_image_mask_ratio > 0
             else None
         )
@@ -310,7 +297,8 @@ class PretrainTask:
             from multiway.data.streams import PairStream
 
             d = self.cfg.data
-            stream = PairStream(_resolve(self.root, d.eval_pairs), transform=self._transform(False), tokenizer=self.tok, max_len=d.pair_max_len)
+            stream = PairStream(_resolve(self.root, d.eval_pairs), transform=self._transform(False), tokenizer=self.tok,
+                                max_len=d.pair_max_len)
             samples = []
             for s in stream:
                 samples.append(s)
@@ -382,7 +370,8 @@ def ensure_visual_tokenizer(cfg: PretrainConfig) -> Path:
     if not path.is_file():
         images = root / "images" / "train"
         print(f"[multiway] training a {cfg.vqkd_preset} visual tokenizer (pixels teacher, {cfg.vqkd_steps} steps) on {images}", flush=True)
-        metrics = train_visual_tokenizer(images, path, preset=cfg.vqkd_preset, teacher="pixels", steps=cfg.vqkd_steps, num_workers=0, seed=0, progress=cfg.train.progress)
+        metrics = train_visual_tokenizer(images, path, preset=cfg.vqkd_preset, teacher="pixels", steps=cfg.vqkd_steps,
+                                         num_workers=0, seed=0, progress=cfg.train.progress)
         print(f"[multiway] visual tokenizer: {json.dumps({k: v for k, v in metrics.items() if k != 'path'})}", flush=True)
     return path
 
