@@ -5,19 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..config import add_config_arguments, config_from_args
+
 
 def _study(args: argparse.Namespace) -> int:
     from .study import StudyConfig, run_study, to_markdown
 
-    overrides = dict(
-        data_dir=args.data, out_dir=args.out, pretrain_steps=args.pretrain_steps, finetune_steps=args.finetune_steps,
-        fusions=args.fusions, architectures=args.architectures, objectives=args.objectives, encoders=args.encoders,
-        tasks=args.tasks, precision=args.precision, seed=args.seed,
-    )
-    if args.config:
-        cfg = StudyConfig.load(args.config, **overrides)
-    else:
-        cfg = StudyConfig(**{k: v for k, v in overrides.items() if v is not None})
+    updates = {k: v for k, v in (("data_dir", args.data), ("out_dir", args.out)) if v is not None}
+    cfg = config_from_args(StudyConfig, args, updates=updates)
     rows = run_study(cfg)
     print(to_markdown(rows))
     print(f"results: {cfg.out_dir}/results.md, results.json, results.png")
@@ -54,22 +49,29 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _arrow2jsonl(args: argparse.Namespace) -> int:
+    from .arrow import convert_arrow
+
+    tokenizer = None
+    if args.task != "pretraining":
+        from ..tokenizers.text import TextTokenizer
+
+        tokenizer = TextTokenizer(args.tokenizer)
+    report = convert_arrow(args.table, args.data_dir, tokenizer, args.task, args.split, on_error=args.on_error)
+    for name, count in report.counts.items():
+        print(f"{args.data_dir}/{name}: {count}")
+    print(f"{report.rows} rows read; {report.errors.summary()}")
+    return 0
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     study = subparsers.add_parser("study", help="run a design study (METER grid)")
     study_sub = study.add_subparsers(dest="study", metavar="STUDY")
     p = study_sub.add_parser("meter", help="train and evaluate every cell of a METER grid; writes a table and a plot")
     p.add_argument("--data", default=None, help="data set folder (official index format); generated if missing (default data/builtin)")
     p.add_argument("--out", default=None, help="output folder (default runs/meter_study)")
-    p.add_argument("--config", default=None, help="YAML study config (e.g. configs/meter_study_tiny.yaml)")
-    p.add_argument("--fusions", nargs="+", default=None, help="co_attention merged_attention")
-    p.add_argument("--architectures", nargs="+", default=None, help="encoder_only encoder_decoder")
-    p.add_argument("--objectives", nargs="+", default=None, help="objective sets, e.g. mlm+itm mlm+itm+mim")
-    p.add_argument("--encoders", nargs="+", default=None, help="encoder pairs, e.g. vit+bert_pretrained vit+embedding")
-    p.add_argument("--tasks", nargs="+", default=None, help="vqa nlvr2 retrieval captioning")
-    p.add_argument("--pretrain-steps", type=int, default=None)
-    p.add_argument("--finetune-steps", type=int, default=None)
-    p.add_argument("--precision", default=None, choices=["fp32", "bf16"])
-    p.add_argument("--seed", type=int, default=None)
+    add_config_arguments(p, "YAML study config (e.g. configs/meter_study_tiny.yaml); axes and budgets as overrides: "
+                            "fusions=[co_attention] encoders=[vit+embedding] pretrain_steps=100 precision=bf16")
     p.set_defaults(func=_study)
     study.set_defaults(func=lambda a: study.print_help() or 2)
 
@@ -91,4 +93,14 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--image-size", type=int, default=None, help="resolution (default: the checkpoint's); tables adapted as METER does")
     q.add_argument("--num-heads", type=int, default=None, help="text/fusion heads (default: the checkpoint's config, else width/64)")
     q.set_defaults(func=_convert)
+    q = meter_sub.add_parser("arrow2jsonl", help="convert a METER/ViLT .arrow table to the official BEiT-3 jsonl index")
+    q.add_argument("table", help="e.g. coco_caption_karpathy_test.arrow, vqav2_train.arrow, nlvr2_dev.arrow, snli_dev.arrow")
+    q.add_argument("--data-dir", required=True, help="output folder: the index and the table's images (arrow_images/)")
+    from .arrow import TARGETS
+
+    q.add_argument("--task", required=True, choices=list(TARGETS))
+    q.add_argument("--split", required=True, help="split name of the index (train, val, test, rest_val, ...)")
+    q.add_argument("--tokenizer", default=None, help="SentencePiece model for the text ids (not needed for --task pretraining)")
+    q.add_argument("--on-error", default="skip", choices=["skip", "raise"], help="broken rows: skip and count (default) or stop")
+    q.set_defaults(func=_arrow2jsonl)
     meter.set_defaults(func=lambda a: meter.print_help() or 2)
