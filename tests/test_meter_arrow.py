@@ -74,7 +74,8 @@ def test_vqa_table_with_answer_vocabulary(tmp_path):
     data = tmp_path / "data"
     rep = convert_arrow(arrow, data, CharTokenizer(), "vqav2", "rest_val")
     items = read_jsonl(data / "vqa.rest_val.jsonl", DataErrors())
-    assert [(it["qid"], it["labels"], it["scores"]) for it in items] == [(10, [0], [1.0]), (11, [1, 2], [1.0, 0.3]), (20, [3, 0], [0.6, 0.3])]
+    want = [(10, [0], [1.0]), (11, [1, 2], [1.0, 0.3]), (20, [3, 0], [0.6, 0.3])]
+    assert [(it["qid"], it["labels"], it["scores"]) for it in items] == want
     vocab = {it["answer"]: it["label"] for it in read_jsonl(data / "answer2label.txt", DataErrors())}
     assert vocab == {"blue": 0, "yes": 1, "no": 2, "green": 3} and rep.errors.count == 0
 
