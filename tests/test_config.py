@@ -120,14 +120,15 @@ def _runner_configs() -> list[Any]:
     """One instance of every runner's config dataclass (the defaults and a changed copy)."""
     from multiway.meter.config import tiny_config
     from multiway.model.config import get_config
-    from multiway.tokenizers.visual import VQKD_PRESETS
+    from multiway.tokenizers.vqkd import VQKD_PRESETS
+    from multiway.tokenizers.vqkd_training import VQKDTrainConfig
     from multiway.train.loop import TrainConfig
     from multiway.train.pretrain import PretrainConfig
 
     return [
         get_config("beit3_tiny_patch8_32"), get_config("beit3_base_patch16_224", position_init_std=None),
         TrainConfig(out_dir="runs/x", max_steps=5, betas=(0.9, 0.999), grad_clip=None), PretrainConfig(),
-        tiny_config("vit"), *VQKD_PRESETS.values(),
+        tiny_config("vit"), *VQKD_PRESETS.values(), VQKDTrainConfig(out="tok.safetensors", model={"n_code": 32}),
     ]
 
 

@@ -63,7 +63,7 @@ def test_cosine_schedule_with_warmup():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
     from multiway.data.shapes import generate_synthetic_dataset
-    from multiway.tokenizers.visual import VQKD, save_vqkd, vqkd_config
+    from multiway.tokenizers.vqkd import VQKD, save_vqkd, vqkd_config
 
     root = tmp_path_factory.mktemp("shapes")
     generate_synthetic_dataset(root, num_images=40, num_pairs=10, imagenet_per_class=4, vocab_size=200, shard_size=10, progress=False)

@@ -6,16 +6,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from multiway.tokenizers.visual import (
-    VQKD,
-    NormEMAVectorQuantizer,
-    PixelTeacher,
-    build_teacher,
-    load_vqkd,
-    save_vqkd,
-    train_visual_tokenizer,
-    vqkd_config,
-)
+from multiway.tokenizers.teachers import PixelTeacher, build_teacher
+from multiway.tokenizers.vqkd import VQKD, NormEMAVectorQuantizer, load_vqkd, save_vqkd, vqkd_config
+from multiway.tokenizers.vqkd_training import train_visual_tokenizer
 
 REF = Path(os.environ.get("MULTIWAY_REFERENCE", "/work/shared/reference"))
 GOLDEN = REF / "golden" / "vqkd" / "vqkd_tiny.safetensors"

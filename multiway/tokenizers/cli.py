@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..config import add_config_arguments, config_from_args
+
 
 def _train_text(args: argparse.Namespace) -> int:
     from multiway.tokenizers.text import train_text_tokenizer
@@ -17,19 +19,17 @@ def _train_text(args: argparse.Namespace) -> int:
 
 
 def _train_visual(args: argparse.Namespace) -> int:
-    from multiway.tokenizers.visual import train_visual_tokenizer
+    from multiway.tokenizers.vqkd_training import VQKDTrainConfig, train_vqkd
 
-    metrics = train_visual_tokenizer(
-        args.data, args.out, preset=args.preset, teacher=args.teacher, teacher_weights=args.teacher_weights,
-        steps=args.steps, max_minutes=args.max_minutes, batch_size=args.batch_size, lr=args.lr,
-        num_workers=args.workers, device=args.device, seed=args.seed,
-        config_overrides=json.loads(args.config) if args.config else None)
+    updates = {k: v for k, v in (("data", args.data), ("out", args.out)) if v is not None}
+    cfg = config_from_args(VQKDTrainConfig, args, updates=updates)
+    metrics = train_vqkd(cfg, resume=not args.no_resume)
     print(json.dumps(metrics, indent=1))
     return 0
 
 
 def _probe_visual(args: argparse.Namespace) -> int:
-    from multiway.tokenizers.visual import probe_visual_tokenizer
+    from multiway.tokenizers.vqkd_training import probe_visual_tokenizer
 
     print(json.dumps(probe_visual_tokenizer(args.tokenizer, args.data), indent=1))
     return 0
@@ -49,21 +49,15 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_train_text)
 
-    p = sub.add_parser("train-visual", help="train a VQ-KD visual tokenizer against a frozen teacher")
-    p.add_argument("data", help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, help="output .safetensors file")
-    p.add_argument("--preset", default="vqkd_tiny_patch8_64")
-    p.add_argument("--teacher", default="pixels",
-                   help="pixels | timm:<model> (with --teacher-weights) | torchscript:<file> | multiway:<checkpoint>")
-    p.add_argument("--teacher-weights", default=None, help="local weights file of a timm teacher")
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--device", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--config", default=None, help='JSON overrides of the preset, e.g. \'{"n_code": 512}\'')
+    p = sub.add_parser(
+        "train-visual", help="train a VQ-KD visual tokenizer against a frozen teacher (through the training loop)",
+        description="Settings are VQKDTrainConfig keys: preset=, model.n_code=512, teacher=timm:<name> "
+        "teacher_weights=<file>, batch_size=, train.max_steps=, train.lr=, train.max_minutes=, train.out_dir= ...",
+    )
+    p.add_argument("data", nargs="?", default=None, help="folder of images, searched recursively (sets data=)")
+    p.add_argument("--out", default=None, help="output .safetensors file (sets out=)")
+    p.add_argument("--no-resume", action="store_true", help="start over even if the run folder has checkpoints")
+    add_config_arguments(p, "a YAML file of VQKDTrainConfig keys")
     p.set_defaults(func=_train_visual)
 
     p = sub.add_parser("probe-visual", help="linear probe of bag-of-codes on an ImageNet-style index")

@@ -363,7 +363,7 @@ def ensure_visual_tokenizer(cfg: PretrainConfig) -> Path:
     """The VQ-KD file to use: ``cfg.visual_tokenizer``, or a tiny one trained with the pixels teacher (cached)."""
     if cfg.visual_tokenizer:
         return Path(cfg.visual_tokenizer)
-    from multiway.tokenizers.visual import train_visual_tokenizer
+    from multiway.tokenizers.vqkd_training import train_visual_tokenizer
 
     root = Path(cfg.data.dir)
     path = root / f"vqkd_{cfg.vqkd_preset}_pixels_{cfg.vqkd_steps}.safetensors"

@@ -17,12 +17,9 @@ Key layout (the released files, minus their ``teacher*``, ``scaling*`` and ``los
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import from_dict
+from ..config import from_dict, to_dict
 
 # ----------------------------------------------------------------------------------------------------------------
 # config and presets
@@ -69,7 +66,7 @@ class VQKDConfig:
         return self.grid**2
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VQKDConfig:
@@ -97,9 +94,10 @@ VQKD_PRESETS: dict[str, VQKDConfig] = {
 
 
 def vqkd_config(name: str, **overrides: Any) -> VQKDConfig:
+    """The preset ``name`` with fields overridden by keyword (an unknown field is refused, naming the valid ones)."""
     if name not in VQKD_PRESETS:
         raise KeyError(f"unknown VQ-KD preset {name!r}; known: {sorted(VQKD_PRESETS)}")
-    return dataclasses.replace(VQKD_PRESETS[name], **overrides)
+    return from_dict(VQKDConfig, {**to_dict(VQKD_PRESETS[name]), **overrides})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -402,7 +400,8 @@ class VQKD(nn.Module):
             raise KeyError(f"VQ-KD state dict: missing keys {missing}, unexpected keys {unexpected}")
 
 
-def _read_official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def read_official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a released ``.pth`` (read weights-only), bare or under ``model``/``state_dict``."""
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
@@ -462,335 +461,6 @@ def load_vqkd(path_or_preset: str | os.PathLike, weights: str | os.PathLike | No
 
             sd = load_file(str(w))
         else:
-            sd = _read_official_checkpoint(w)
+            sd = read_official_checkpoint(w)
         model.load_official_state_dict(sd)
     return model.to(map_location).eval()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# teachers: frozen callables images (B, 3, H, W) in [0, 1] -> features (B, N, C) on the tokenizer's patch grid
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class PixelTeacher(nn.Module):
-    """Targets = the patch's pixels, normalised with the ImageNet mean/std (no per-patch normalisation, so
-    colour and brightness stay in the target). Needs no weights; meant for the built-in data."""
-
-    def __init__(self, patch_size: int) -> None:
-        super().__init__()
-        self.patch_size = patch_size
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images - self.mean) / self.std
-        p = self.patch_size
-        return F.unfold(x, kernel_size=p, stride=p).transpose(1, 2)  # (B, N, 3*p*p)
-
-
-class FeatureTeacher(nn.Module):
-    """Wraps a frozen feature extractor: normalises the input, calls it, and puts its patch features on the
-    tokenizer's grid.
-
-    ``fn`` gets normalised images (B, 3, S, S) and returns (B, N', C), (B, C, h', w'), or (B, 1+N', C) when
-    ``num_prefix_tokens`` says how many leading tokens (CLS, registers) to drop.
-    """
-
-    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], grid: int, input_size: int | None = None,
-                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 num_prefix_tokens: int = 0) -> None:
-        super().__init__()
-        self.fn = fn
-        self.grid, self.input_size, self.num_prefix_tokens = grid, input_size, num_prefix_tokens
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
-        if isinstance(fn, nn.Module):
-            fn.eval()
-            for p in fn.parameters():
-                p.requires_grad_(False)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = images
-        if self.input_size and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bicubic", align_corners=False)
-        out = self.fn((x - self.mean) / self.std)
-        if isinstance(out, (tuple, list)):
-            out = out[0]
-        if out.dim() == 4:  # (B, C, h, w)
-            fmap = out
-        else:
-            out = out[:, self.num_prefix_tokens:]
-            B, N, C = out.shape
-            h = math.isqrt(N)
-            if h * h != N:
-                raise ValueError(f"teacher returned {N} tokens, not a square grid (set num_prefix_tokens?)")
-            fmap = out.transpose(1, 2).reshape(B, C, h, h)
-        if fmap.shape[-1] != self.grid:  # match the tokenizer's patch grid
-            fmap = F.interpolate(fmap.float(), size=(self.grid, self.grid), mode="bilinear", align_corners=False)
-        return fmap.flatten(2).transpose(1, 2).float()
-
-
-def _load_local_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return _read_official_checkpoint(path)
-
-
-def build_teacher(spec: str | Callable[[torch.Tensor], torch.Tensor], grid: int, patch_size: int,
-                  weights: str | os.PathLike | None = None) -> nn.Module:
-    """Frozen teacher from a spec. Nothing is downloaded.
-
-    * ``"pixels"`` — :class:`PixelTeacher`;
-    * ``"timm:<model_name>"`` with ``weights=<local .safetensors/.pth>`` — the model's patch tokens
-      (``forward_features`` minus its prefix tokens), normalised with the model's own mean/std;
-    * ``"torchscript:<file>"`` (or a path ending in ``.ts``/``.torchscript``/``.jit``) — a scripted module
-      taking ImageNet-normalised images;
-    * ``"multiway:<checkpoint or preset>"`` — a multiway vision encoder, via ``multiway.create_model`` and its
-      ``encode_image`` (patch features, CLS dropped);
-    * any callable — wrapped by :class:`FeatureTeacher` with ImageNet normalisation.
-    """
-    if callable(spec) and not isinstance(spec, str):
-        return FeatureTeacher(spec, grid)
-    if spec == "pixels":
-        return PixelTeacher(patch_size)
-    kind, _, arg = spec.partition(":")
-    if kind == "timm":
-        import timm
-
-        model = timm.create_model(arg, pretrained=False, num_classes=0)
-        if weights is None:
-            raise ValueError("a timm teacher needs weights=<local file> (nothing is downloaded)")
-        missing, unexpected = model.load_state_dict(_load_local_state_dict(Path(weights)), strict=False)
-        if missing:
-            raise KeyError(f"{weights}: missing keys for timm model {arg}: {missing[:10]}")
-        cfg = model.pretrained_cfg
-        size = cfg.get("input_size", (3, 224, 224))[-1]
-        return FeatureTeacher(model.forward_features, grid, size, cfg.get("mean", IMAGENET_MEAN),
-                              cfg.get("std", IMAGENET_STD), getattr(model, "num_prefix_tokens", 1))
-    if kind == "torchscript" or Path(spec).suffix in (".ts", ".torchscript", ".jit"):
-        path = arg if kind == "torchscript" else spec
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"TorchScript teacher not found: {path}")
-        return FeatureTeacher(torch.jit.load(path, map_location="cpu"), grid)
-    if kind == "multiway":
-        from multiway.model import create_model
-
-        model = create_model(arg)
-        encode = getattr(model, "encode_image", None)
-        if encode is None:
-            raise AttributeError(f"multiway model {arg!r} has no encode_image(images) method")
-        size = getattr(getattr(model, "config", None), "img_size", None)
-
-        def fn(x: torch.Tensor) -> torch.Tensor:
-            out = encode(x)
-            return out[:, 1:] if out.dim() == 3 and math.isqrt(out.shape[1] - 1) ** 2 == out.shape[1] - 1 else out
-
-        teacher = FeatureTeacher(fn, grid, size, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        teacher.add_module("model", model.eval().requires_grad_(False))
-        return teacher
-    raise ValueError(f"unknown teacher {spec!r}: use 'pixels', 'timm:<name>', 'torchscript:<file>', "
-                     f"'multiway:<checkpoint>' or a callable")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# training
-
-
-class ImageFiles(torch.utils.data.Dataset):
-    """Every image file under a folder (recursively), as (3, S, S) tensors in [0, 1]."""
-
-    EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-    def __init__(self, root: str | os.PathLike, img_size: int, train: bool = True, min_crop_scale: float = 0.08,
-                 files: Sequence[str | os.PathLike] | None = None) -> None:
-        from torchvision.transforms import v2
-
-        self.files = [Path(f) for f in files] if files is not None else sorted(
-            p for p in Path(root).rglob("*") if p.suffix.lower() in self.EXTS)
-        if not self.files:
-            raise FileNotFoundError(f"no images ({', '.join(self.EXTS)}) under {root}")
-        crop = (v2.RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0), antialias=True,
-                                     interpolation=v2.InterpolationMode.BICUBIC) if train
-                else v2.Resize((img_size, img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True))
-        ops = [v2.ToImage(), crop] + ([v2.RandomHorizontalFlip()] if train else [])
-        self.transform = v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True)])
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from PIL import Image
-
-        with Image.open(self.files[i]) as im:
-            return self.transform(im.convert("RGB")).clamp_(0, 1)  # bicubic overshoots
-
-
-def codebook_usage(counts: torch.Tensor) -> float:
-    """Fraction of codes with a non-zero count."""
-    return float((counts > 0).float().mean())
-
-
-def train_visual_tokenizer(
-    data: str | os.PathLike | torch.utils.data.Dataset,
-    out: str | os.PathLike,
-    preset: str = "vqkd_tiny_patch8_64",
-    teacher: str | Callable[[torch.Tensor], torch.Tensor] = "pixels",
-    teacher_weights: str | os.PathLike | None = None,
-    steps: int = 1000,
-    max_minutes: float | None = None,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    weight_decay: float = 1e-4,
-    warmup_steps: int = 50,
-    min_crop_scale: float = 0.5,
-    num_workers: int = 2,
-    device: str | None = None,
-    seed: int = 0,
-    config_overrides: dict[str, Any] | None = None,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train a VQ-KD tokenizer against a frozen teacher; saves it to ``out`` (safetensors) and returns metrics.
-
-    ``data`` is a folder of images or a Dataset of (3, S, S) tensors in [0, 1]. ``teacher`` is a spec for
-    :func:`build_teacher`. The codebook usage shown in the progress bar is the fraction of codes hit during the
-    last 50 steps; the returned ``codebook_usage`` is measured over one pass of the data at the end.
-    AdamW(0.9, 0.99) with linear warmup and cosine decay to lr/5, as the BEiT v2 recipe. Stops after ``steps``
-    or ``max_minutes``, whichever comes first.
-    """
-    from tqdm import tqdm
-
-    torch.manual_seed(seed)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    cfg = vqkd_config(preset, **(config_overrides or {}))
-    dataset = data if isinstance(data, torch.utils.data.Dataset) else ImageFiles(data, cfg.img_size, True,
-                                                                                   min_crop_scale)
-    teacher_mod = build_teacher(teacher, cfg.grid, cfg.patch_size, teacher_weights).to(dev)
-    with torch.no_grad():  # the teacher's width decides the decoder's output width
-        probe = torch.stack([dataset[0]]).to(dev)
-        cfg = dataclasses.replace(cfg, decoder_out_dim=teacher_mod(probe).shape[-1])
-    model = VQKD(cfg).to(dev).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]  # biases, norms, cls/pos embeddings
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.99))
-
-    def lr_at(step: int) -> float:
-        if step < warmup_steps:
-            return lr * (step + 1) / warmup_steps
-        t = (step - warmup_steps) / max(1, steps - warmup_steps)
-        return lr / 5 + (lr - lr / 5) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-
-    g = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                                         num_workers=num_workers, generator=g, persistent_workers=num_workers > 0)
-    window = torch.zeros(cfg.n_code, device=dev)
-    hits: list[torch.Tensor] = []
-    t0 = time.time()
-    step, metrics = 0, {}
-    bar = tqdm(total=steps, desc="train-visual", disable=not progress)
-    while step < steps:
-        for images in loader:
-            images = images.to(dev, non_blocking=True)
-            with torch.no_grad():
-                target = teacher_mod(images)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            out_ = model(images, target)
-            opt.zero_grad(set_to_none=True)
-            out_["loss"].backward()
-            opt.step()
-            counts = torch.bincount(out_["indices"].flatten(), minlength=cfg.n_code).float()
-            hits.append(counts)
-            window += counts
-            if len(hits) > 50:
-                window -= hits.pop(0)
-            step += 1
-            metrics = {"loss": float(out_["loss"].detach()), "rec_loss": float(out_["rec_loss"]),
-                       "quant_loss": float(out_["quant_loss"]), "usage_window": codebook_usage(window)}
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", usage=f"{metrics['usage_window']:.2f}")
-            if step >= steps or (max_minutes and time.time() - t0 > max_minutes * 60):
-                steps = step
-                break
-    bar.close()
-    metrics.update(steps=step, seconds=round(time.time() - t0, 1))
-
-    model.eval()
-    eval_set = ImageFiles(data, cfg.img_size, train=False) if not isinstance(data, torch.utils.data.Dataset) \
-        else dataset
-    total = torch.zeros(cfg.n_code)
-    for images in torch.utils.data.DataLoader(eval_set, batch_size=batch_size, num_workers=num_workers):
-        total += torch.bincount(model.get_codebook_indices(images.to(dev)).flatten().cpu(),
-                                minlength=cfg.n_code).float()
-    metrics["codebook_usage"] = codebook_usage(total)
-    metrics["codes_used"] = int((total > 0).sum())
-    metrics["path"] = str(save_vqkd(model, out, extra={"teacher": str(teacher), "metrics": metrics}))
-    return metrics
-
-
-@torch.no_grad()
-def code_histograms(model: VQKD, images: Iterable[torch.Tensor], device: str | torch.device = "cpu") -> torch.Tensor:
-    """Bag-of-codes of each image: batches (B, 3, H, W) in [0, 1] -> (num_images, n_code) normalised counts."""
-    rows = []
-    model = model.to(device).eval()
-    for batch in images:
-        idx = model.get_codebook_indices(batch.to(device)).cpu()
-        h = torch.zeros(idx.shape[0], model.n_code).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float))
-        rows.append(h / idx.shape[1])
-    return torch.cat(rows)
-
-
-def probe_visual_tokenizer(tokenizer: str | os.PathLike | VQKD, data_dir: str | os.PathLike,
-                           train_index: str = "imagenet.train.index.jsonl",
-                           val_index: str = "imagenet.val.index.jsonl", epochs: int = 200,
-                           batch_size: int = 256) -> dict[str, float]:
-    """Linear probe on bag-of-codes histograms over an ImageNet-style index (``image_path``, ``label``).
-
-    Trains a softmax classifier on the train index's histograms and reports val accuracy. When the class
-    folder names are ``<part>_<part>`` (the built-in data's ``<colour>_<shape>``), it also reports the accuracy
-    of each part (e.g. colour alone) derived from the class predictions.
-    """
-    model = tokenizer if isinstance(tokenizer, VQKD) else load_vqkd(tokenizer)
-    root = Path(data_dir)
-
-    def read(index: str) -> tuple[list[Path], torch.Tensor]:
-        rows = [json.loads(line) for line in (root / index).read_text().splitlines() if line.strip()]
-        return [root / r["image_path"] for r in rows], torch.tensor([int(r["label"]) for r in rows])
-
-    def hist(files: list[Path]) -> torch.Tensor:
-        ds = ImageFiles(root, model.config.img_size, train=False, files=files)
-        return code_histograms(model, torch.utils.data.DataLoader(ds, batch_size=batch_size))
-
-    tr_files, ytr = read(train_index)
-    va_files, yva = read(val_index)
-    xtr, xva = hist(tr_files), hist(va_files)
-    num_classes = int(max(ytr.max(), yva.max())) + 1
-    with torch.random.fork_rng():  # a fixed classifier init, so the probe is reproducible
-        torch.manual_seed(0)
-        clf = nn.Linear(model.n_code, num_classes)
-    opt = torch.optim.Adam(clf.parameters(), lr=0.05)
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    for _ in range(epochs):  # full-batch; the data is small
-        loss = F.cross_entropy(clf((xtr - mu) / sd), ytr)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    pred = clf((xva - mu) / sd).argmax(-1)
-    result = {"class_accuracy": float((pred == yva).float().mean()), "num_classes": float(num_classes),
-              "chance": float(torch.bincount(yva).max()) / len(yva)}
-    # class names from the folder layout <split>/<class>/<file>
-    names: dict[int, str] = {}
-    for f, y in zip(tr_files, ytr.tolist()):
-        names.setdefault(y, f.parent.name)
-    parts = [names.get(i, "").split("_") for i in range(num_classes)]
-    if all(len(p) == len(parts[0]) > 1 for p in parts):
-        for j in range(len(parts[0])):
-            got = torch.tensor([parts[i][j] == parts[t][j] for i, t in zip(pred.tolist(), yva.tolist())])
-            result[f"part{j}_accuracy"] = float(got.float().mean())
-    return result
