@@ -165,13 +165,26 @@ def render_scene(scene: Scene, size: int = 64):
         img = Image.fromarray((60 + noise / 3).astype(np.uint8), "L").convert("RGB")
     d = ImageDraw.Draw(img)
     for o in scene.objects:
-        r, cx, cy = _radius(o.size) * s, o.x * s, o.y * s
-        fill = COLOURS[o.colour]
-        if o.shape == "circle":
-            d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            d.polygon(_polygon(o.shape, cx, cy, r * (1.25 if o.shape == "square" else 1.0)), fill=fill)
+        draw_object(d, o, s, COLOURS[o.colour])
     return img.reduce(2)
+
+
+def object_outline(o: Obj, side: float) -> list[tuple[float, float]] | tuple[float, float, float, float]:
+    """Where ``o`` is drawn on a ``side`` x ``side`` canvas: a circle's bounding box (x0, y0, x1, y1), else the
+    polygon's vertices [(x, y), ...] (the dense tasks' boxes, masks and COCO polygons come from it)."""
+    r, cx, cy = _radius(o.size) * side, o.x * side, o.y * side
+    if o.shape == "circle":
+        return (cx - r, cy - r, cx + r, cy + r)
+    return _polygon(o.shape, cx, cy, r * (1.25 if o.shape == "square" else 1.0))
+
+
+def draw_object(draw, o: Obj, side: float, fill) -> None:
+    """Draw ``o`` with a PIL ``ImageDraw`` on a ``side`` x ``side`` canvas in ``fill``."""
+    outline = object_outline(o, side)
+    if o.shape == "circle":
+        draw.ellipse(list(outline), fill=fill)
+    else:
+        draw.polygon(outline, fill=fill)
 
 
 # ----------------------------------------------------------------------------------------------------------------
