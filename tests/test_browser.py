@@ -3,53 +3,20 @@
 and an answer, a broken upload shows an error, and the page still works after it. Saves a screenshot."""
 
 import os
-import shutil
-from pathlib import Path
 
 import pytest
 
-CHROMIUM = os.environ.get("MULTIWAY_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+from multiway.serve.screenshot import drive_demo, find_chromium
+
+CHROMIUM = find_chromium(os.environ.get("MULTIWAY_CHROMIUM"))
 if not CHROMIUM:
     pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)", allow_module_level=True)
 
-from playwright.sync_api import expect, sync_playwright  # noqa: E402
+from playwright.sync_api import sync_playwright  # noqa: E402
 from serving_data import make_serving_data  # noqa: E402
 
 from multiway.index import IndexConfig, build_index  # noqa: E402
 from multiway.serve.loadtest import server_process  # noqa: E402
-
-
-def drive_demo(page, base: str, image: Path, broken: Path, query: str, screenshot: Path, timeout_ms: int = 60_000) -> dict:
-    """What a person does on the page; fails on the first step that does not happen. Returns what the page showed."""
-    page.set_default_timeout(timeout_ms)
-    page.goto(base + "/")
-    expect(page.locator("#models")).to_contain_text("retrieval:")
-    page.fill("#query", query)
-    page.click("#search-btn")
-    thumbs = page.locator("#results figure.hit img")
-    expect(thumbs.first).to_be_visible()
-    page.wait_for_function("[...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
-    shown = {"hits": thumbs.count(), "status": page.locator("#search-status").inner_text()}
-    page.set_input_files("#file", str(image))
-    expect(page.locator("#caption-btn")).to_be_enabled()
-    page.click("#caption-btn")
-    expect(page.locator("#caption-out")).to_contain_text("model:")
-    shown["caption"] = page.locator("#caption-out").inner_text()
-    page.fill("#question", "what color is the shape?")
-    page.click("#vqa-btn")
-    expect(page.locator("#vqa-out")).to_contain_text("model:")
-    shown["answer"] = page.locator("#vqa-out").inner_text()
-    page.screenshot(path=str(screenshot), full_page=True)
-    page.click("#similar-btn")
-    expect(page.locator("#search-status")).to_contain_text("your image")
-    page.set_input_files("#file", str(broken))
-    page.click("#caption-btn")
-    expect(page.locator("#error")).to_contain_text("cannot decode")
-    shown["error"] = page.locator("#error").inner_text()
-    page.fill("#query", query)  # the server keeps serving after the bad upload
-    page.click("#search-btn")
-    expect(page.locator("#search-status")).to_contain_text("results for")
-    return shown
 
 
 @pytest.fixture(scope="module")
