@@ -11,8 +11,9 @@ import json
 import logging
 import os
 import pickle
+import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
+from .heads import model_name_of
 from .multiway import MultiwayTransformer, interpolate_vision_positions
 
 logger = logging.getLogger(__name__)
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 BACKBONE_PREFIX = "beit3."
 VISION_POSITIONS = "encoder.embed_positions.A.weight"
 FINAL_NORM = "encoder.layer_norm."
+_LAYER_KEY = re.compile(r"encoder\.layers\.(\d+)\.")
 
 
 class CheckpointError(ValueError):
@@ -43,10 +46,11 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)  # in the checkpoint, not used
     reset_heads: list[str] = field(default_factory=list)  # head weights whose shape differed
     interpolated: list[str] = field(default_factory=list)
+    non_finite: list[str] = field(default_factory=list)  # loaded tensors holding NaN or inf (a warning is logged)
 
     def __str__(self) -> str:
         parts = [f"loaded {len(self.loaded)} tensors"]
-        for name in ("missing", "unexpected", "reset_heads", "interpolated"):
+        for name in ("missing", "unexpected", "reset_heads", "interpolated", "non_finite"):
             keys = getattr(self, name)
             if keys:
                 parts.append(f"{name}: {_short(keys)}")
@@ -82,6 +86,57 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[st
     except Exception as e:  # the unpickler raises many types on garbage (KeyError, EOFError, RuntimeError ...)
         raise CheckpointError(f"{path}: not a PyTorch checkpoint ({type(e).__name__}: {e})") from e
     return unwrap_state_dict(obj, str(path)), {}
+
+
+def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """Tensor shapes and metadata of a ``.safetensors`` file, read from its header alone (no tensor is read).
+
+    Returns ``({key: shape}, metadata)``. Used to check a file against its embedded config before anything
+    is allocated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def layer_indices(keys: Iterable[str]) -> set[int]:
+    """The encoder layer numbers present among ``keys`` (``[beit3.]encoder.layers.<i>.…``)."""
+    found = set()
+    for key in keys:
+        match = _LAYER_KEY.match(key.removeprefix(BACKBONE_PREFIX))
+        if match:
+            found.add(int(match.group(1)))
+    return found
+
+
+def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tuple[int, ...]], source: str, what: str) -> None:
+    """Refuse ``found`` (a file's key -> shape) unless it has exactly the keys and shapes of ``expected``.
+
+    The error names the missing, unexpected and mismatched keys; ``what`` says what ``expected`` describes.
+    """
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    differ = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    mismatched = [f"{k}: file {found[k]} vs expected {expected[k]}" for k in differ]
+    if missing or unexpected or mismatched:
+        lines = [f"{source}: its tensors do not match {what}:"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): {_short(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}")
+        if mismatched:
+            lines.append(f"  mismatched shapes ({len(mismatched)}): {_short(mismatched)}")
+        raise CheckpointError("\n".join(lines))
+
+
+def non_finite_tensors(state: Mapping[str, Tensor]) -> list[str]:
+    """Keys of floating-point tensors holding NaN or ±inf (one pass over the weights, at load time only)."""
+    return [k for k, v in state.items() if v.is_floating_point() and v.device.type != "meta" and not bool(torch.isfinite(v).all())]
 
 
 def unwrap_state_dict(obj: object, source: str = "checkpoint") -> dict[str, Tensor]:
@@ -121,7 +176,8 @@ def load_checkpoint(
     * head keys absent from the checkpoint (a new head) stay initialised; head keys of other tasks are ignored;
     * the final encoder LayerNorm is ignored by models built without it (as the official loader does);
     * anything else that does not fit — a missing, unexpected or mismatched backbone tensor — raises
-      :class:`CheckpointError` listing the keys, unless ``strict=False``.
+      :class:`CheckpointError` listing the keys, unless ``strict=False``;
+    * tensors holding NaN or inf are loaded, with a warning naming them (``LoadReport.non_finite``).
 
     Returns a :class:`LoadReport`; a summary is logged.
     """
@@ -165,6 +221,9 @@ def load_checkpoint(
             lines.append(f"  mismatched shapes ({len(mismatched)}): {_short(mismatched)}")
         lines.append("  (check the preset: depth, embed_dim, vocab_size, shared_attention, vl_expert_layers)")
         raise CheckpointError("\n".join(lines))
+    report.non_finite = non_finite_tensors(to_load)
+    if report.non_finite:
+        logger.warning("%s holds NaN or inf values in %d tensors: %s", source, len(report.non_finite), _short(report.non_finite))
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
     if report.reset_heads:
@@ -194,12 +253,15 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, official_layout: 
     ``multiway.create_model(path)`` rebuilds the model from the file alone. The keys are the official ones,
     so the file also loads into official-layout code (with ``safetensors.torch.load_file``).
     """
-    from .factory import model_name_of
-
     path = Path(path)
     config = model.config
     head_config = model.head_config() if hasattr(model, "head_config") else {}
-    metadata = {"format": "pt", "multiway_config": config.to_json(), "model_name": model_name_of(model), "head_config": json.dumps(head_config)}
+    metadata = {
+        "format": "pt",
+        "multiway_config": config.to_json(),
+        "model_name": model_name_of(model),
+        "head_config": json.dumps(head_config),
+    }
     # safetensors refuses shared storage; clone so tied/expanded tensors save cleanly.
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))

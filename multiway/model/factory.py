@@ -8,11 +8,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..config import PRESETS, MultiwayConfig, get_config
-from .checkpoints import load_checkpoint, read_checkpoint
-from .heads import TASK_HEADS, BEiT3Model
+from .checkpoints import CheckpointError, check_shapes, layer_indices, load_checkpoint, read_checkpoint, read_safetensors_header
+from .config import PRESETS, MultiwayConfig, get_config
+from .heads import TASK_HEADS, BEiT3Model, model_name_of
 from .multiway import MultiwayTransformer
 
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(MultiwayConfig)}
@@ -53,14 +54,6 @@ def split_model_name(name: str) -> tuple[str, str | None]:
         f"unknown model {name!r}: expected a preset ({', '.join(sorted(PRESETS))}) optionally followed by "
         f"_<task> with task in ({', '.join(TASK_HEADS)}), e.g. beit3_base_patch16_480_vqav2"
     )
-
-
-def model_name_of(model: nn.Module) -> str:
-    """The task suffix a model was built for ('' for a bare backbone)."""
-    for task, (cls, _) in TASK_HEADS.items():
-        if type(model) is cls:
-            return task
-    return ""
 
 
 def build_model(config: MultiwayConfig, task: str | None = None, **head_kwargs: Any) -> nn.Module:
@@ -106,18 +99,65 @@ def create_model(name_or_path: str | os.PathLike, pretrained: str | os.PathLike 
 
 
 def _from_file(path: Path, overrides: dict[str, Any]) -> nn.Module:
-    state, metadata = read_checkpoint(path)
+    """Rebuild a model from a multiway safetensors file, checking the file before allocating the model."""
+    if path.suffix != ".safetensors":
+        read_checkpoint(path)  # a clear error for files that are not checkpoints; pickles have no config
+        raise ValueError(
+            f"{path} has no embedded multiway config; build the model by name and load it: "
+            "create_model('<name>', pretrained=path) (or convert it with `multiway convert`)"
+        )
+    shapes, metadata = read_safetensors_header(path)
     if "multiway_config" not in metadata:
         raise ValueError(
             f"{path} has no embedded multiway config; build the model by name and load it: "
             "create_model('<name>', pretrained=path) (or convert it with `multiway convert`)"
         )
-    config = MultiwayConfig.from_json(metadata["multiway_config"])
+    try:
+        config = MultiwayConfig.from_json(metadata["multiway_config"])
+        head_config = json.loads(metadata.get("head_config", "{}"))
+    except (ValueError, TypeError, KeyError) as e:
+        raise CheckpointError(f"{path}: the embedded multiway_config/head_config is not valid ({type(e).__name__}: {e})") from e
+    if not isinstance(head_config, dict):
+        raise CheckpointError(f"{path}: the embedded head_config must be a JSON object, got {type(head_config).__name__}")
+    task = metadata.get("model_name") or None
+    if task is not None and task not in TASK_HEADS:
+        raise CheckpointError(f"{path}: embedded model_name {task!r} is not a task ({', '.join(TASK_HEADS)})")
+    check_file_matches_config(shapes, config, task, head_config, str(path))
     config = config.replace(**{k: v for k, v in overrides.items() if k in _CONFIG_FIELDS})
-    head_kwargs = {**json.loads(metadata.get("head_config", "{}")), **{k: v for k, v in overrides.items() if k not in _CONFIG_FIELDS}}
-    model = build_model(config, metadata.get("model_name") or None, **head_kwargs)
-    load_checkpoint(model, state)
+    head_kwargs = {**head_config, **{k: v for k, v in overrides.items() if k not in _CONFIG_FIELDS}}
+    model = build_model(config, task, **head_kwargs)
+    load_checkpoint(model, read_checkpoint(path)[0])
     return model
 
 
-__all__ = ["OFFICIAL_MODELS", "BEiT3Model", "build_model", "create_model", "list_models", "split_model_name"]
+def check_file_matches_config(
+    shapes: dict[str, tuple[int, ...]], config: MultiwayConfig, task: str | None, head_config: dict[str, Any], source: str
+) -> None:
+    """Refuse a file whose tensor shapes do not match the model its embedded config describes.
+
+    Nothing is allocated: a few shapes that follow from the config directly (the layer count, the text
+    embedding) are compared first, so a config claiming thousands of layers is refused without building
+    anything; then the model is built on the meta device and every key and shape is compared.
+    Raises :class:`CheckpointError` naming the keys.
+    """
+    prefix = "beit3." if task else ""
+    layers = layer_indices(shapes)
+    if layers != set(range(config.depth)):
+        held = f"layers {min(layers)}..{max(layers)} ({len(layers)} layers)" if layers else "no encoder layers"
+        raise CheckpointError(f"{source}: its config says depth={config.depth} but the file holds {held}")
+    embed_key = prefix + "text_embed.weight"
+    if embed_key in shapes and tuple(shapes[embed_key]) != (config.vocab_size, config.embed_dim):
+        raise CheckpointError(
+            f"{source}: {embed_key} is {tuple(shapes[embed_key])} but its config says "
+            f"(vocab_size, embed_dim) = ({config.vocab_size}, {config.embed_dim})"
+        )
+    with torch.device("meta"):
+        try:
+            skeleton = build_model(config, task, **head_config)
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{source}: its embedded config does not build a model ({e})") from e
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    check_shapes(expected, shapes, source, f"the model its config describes ({type(skeleton).__name__})")
+
+
+__all__ = ["OFFICIAL_MODELS", "BEiT3Model", "build_model", "create_model", "list_models", "model_name_of", "split_model_name"]

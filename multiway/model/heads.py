@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import MultiwayConfig
+from .config import MultiwayConfig
 from .multiway import KVCache, MultiwayTransformer, image_to_text_mask, init_linear_and_norm
 
 
@@ -363,3 +363,11 @@ TASK_HEADS: dict[str, tuple[type[BEiT3Model], dict]] = {
     "textclassification": (BEiT3ForTextClassification, {}),
     "pretraining": (BEiT3ForPretraining, {}),
 }
+
+
+def model_name_of(model: nn.Module) -> str:
+    """The task suffix a model was built for (a key of :data:`TASK_HEADS`; '' for a bare backbone)."""
+    for task, (cls, _) in TASK_HEADS.items():
+        if type(model) is cls:
+            return task
+    return ""
