@@ -53,12 +53,13 @@ def test_vqa_soft_targets_official_counts():
 
 
 def test_vqa_accuracy_leave_one_out():
-    gts = [["red"] * 2 + ["blue"] * 8, ["two"] * 3 + ["3"] * 7, ["a cat"] * 10]
+    gts = [["red"] * 2 + ["blue"] * 8, ["two"] * 3 + ["3"] * 7, ["a cat"] * 9 + ["cat"], ["a cat"] * 10]
     # q0: 'red' matched by 2 humans: leave-one-out over 10: 2 cases see 1 match (1/3), 8 see 2 (2/3) -> 0.6
     # q1: prediction '2' == normalised 'two' (3 humans): 3 cases see 2 (2/3), 7 see 3 (1) -> 0.9
-    # q2: 'cat' == normalised 'a cat' -> 1
-    acc = vqa_accuracy(["red", "2", "Cat"], gts)
-    assert acc == pytest.approx(100 * (0.6 + 0.9 + 1.0) / 3)
+    # q2: the annotators disagree, so answers are processed: 'Cat' == 'a cat' -> 1
+    # q3: the annotators agree, so nothing is processed (the official script): 'Cat' != 'a cat' -> 0
+    acc = vqa_accuracy(["red", "2", "Cat", "Cat"], gts)
+    assert acc == pytest.approx(100 * (0.6 + 0.9 + 1.0 + 0.0) / 4)
 
 
 def test_vqa_submission_json(tmp_path):

@@ -131,23 +131,94 @@ def vqa_score(logits: Tensor, targets: Tensor) -> float:
     return 100.0 * picked.float().sum().item() / max(1, logits.shape[0])
 
 
-def vqa_accuracy(predictions: Sequence[str], gt_answers: Sequence[Sequence[str]]) -> float:
-    """VQA challenge accuracy (percent) on answer strings.
+# The official VQA evaluation (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py), restated.
+# It differs from normalize_vqa_answer (the ViLT/BEiT-3 normaliser that builds the answer vocabulary) in what it
+# processes and when: nothing is lower-cased or normalised when the ten annotators agree, and its contraction
+# table is its own (it restores "dont" but not "its", and maps "somebody'd" to "somebodyd").
+_EVAL_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")
+# Canonical forms; the evaluation restores each from every spelling that lacks exactly one of its apostrophes
+# ("couldnt've" and "couldn'tve" -> "couldn't've"). The capitalised forms never match: words are lower-cased first.
+_EVAL_CONTRACTED = (
+    "ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't haven't he'd he'd've "
+    "he's how'd how'll how's I'd've I'm I've isn't it'd it'd've it'll ma'am mightn't mightn't've might've mustn't "
+    "must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've shouldn't shouldn't've somebody'd've "
+    "somebody'll somebody's someone'd someone'd've someone'll someone's something'd something'd've something'll that's "
+    "there'd there'd've there're there's they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't "
+    "what'll what're what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're "
+    "why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll you're you've"
+).split()
+_EVAL_CONTRACTIONS = {
+    **{form[:i] + form[i + 1 :]: form for form in _EVAL_CONTRACTED for i, ch in enumerate(form) if ch == "'"},
+    # the table's three entries that follow no rule
+    "let's": "let's",
+    "she's": "she's",
+    "somebody'd": "somebodyd",
+}
+# The script hands re.UNICODE (= 32) to Pattern.sub where ``count`` goes: at most 32 periods are stripped.
+_EVAL_PERIOD_STRIP_COUNT = int(re.UNICODE)
 
-    For each question: ``mean over the 10 annotators i of min(1, #{j != i : gt_j == pred} / 3)`` after
-    :func:`normalize_vqa_answer` of both sides (with 10 annotators this is min(1, #matches/3) up to rounding).
+
+def _vqa_eval_punctuation(text: str) -> str:
+    """Punctuation step of the official evaluation (case kept). A mark is deleted when it touches a space or when
+    the text holds a digit-comma-digit (``"1,000"``), else replaced by a space; periods not before a digit go."""
+    has_number_comma = _COMMA_STRIP.search(text) is not None
+    out = text
+    for mark in _EVAL_PUNCT:
+        joined = has_number_comma or (mark + " " in text) or (" " + mark in text)
+        out = out.replace(mark, "" if joined else " ")
+    return _PERIOD_STRIP.sub("", out, count=_EVAL_PERIOD_STRIP_COUNT)
+
+
+def _vqa_eval_digits_articles(text: str) -> str:
+    """Digit/article/contraction step: lower-case, split on whitespace, number words to digits (``none`` -> 0),
+    articles dropped, then the contraction table; words rejoined with single spaces."""
+    words = [_NUMBERS.get(w, w) for w in text.lower().split()]
+    return " ".join(_EVAL_CONTRACTIONS.get(w, w) for w in words if w not in _ARTICLES)
+
+
+def vqa_question_accuracy(prediction: str, gt_answers: Sequence[str]) -> float:
+    """Accuracy in [0, 1] of one answer, exactly as the official VQA evaluation scores a question.
+
+    1. Newlines and tabs become spaces and both ends are stripped, on every answer.
+    2. Only if the annotators' answers are not all identical are they and the prediction processed
+       (:func:`_vqa_eval_punctuation`, then :func:`_vqa_eval_digits_articles`); otherwise they are compared as
+       typed, case included.
+    3. For each annotator ``i``: ``min(1, #{j != i : gt_j == prediction} / 3)``; the result is the mean over the
+       leave-one-out subsets (10 for VQAv2). Each annotator is left out once, duplicates included (the official
+       answers are distinct records).
+    """
+    if not gt_answers:
+        raise ValueError("gt_answers is empty: a question needs at least one annotator answer")
+    clean = lambda a: a.replace("\n", " ").replace("\t", " ").strip()  # noqa: E731
+    pred, gts = clean(prediction), [clean(g) for g in gt_answers]
+    if len(set(gts)) > 1:
+        gts = [_vqa_eval_digits_articles(_vqa_eval_punctuation(g)) for g in gts]
+        pred = _vqa_eval_digits_articles(_vqa_eval_punctuation(pred))
+    matches = sum(g == pred for g in gts)
+    return sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
+
+
+def vqa_accuracy(predictions: Sequence[str], gt_answers: Sequence[Sequence[str]]) -> float:
+    """VQA challenge accuracy (percent) on answer strings: the mean of :func:`vqa_question_accuracy`.
+
+    predictions: one answer per question; gt_answers: the annotators' answers of each question (10 in VQAv2).
+    The official script reports ``round(100 * mean, 2)``; this returns the unrounded value.
     """
     if len(predictions) != len(gt_answers):
-        raise ValueError(f"{len(predictions)} predictions but {len(gt_answers)} answer lists")
+        raise ValueError(f"predictions has {len(predictions)} answers but gt_answers has {len(gt_answers)} answer lists")
+    if not predictions:
+        raise ValueError("predictions is empty: nothing to score")
     total = 0.0
-    for pred, gts in zip(predictions, gt_answers):
+    for index, (pred, gts) in enumerate(zip(predictions, gt_answers)):
+        if not isinstance(pred, str) or isinstance(gts, str):
+            raise TypeError(
+                f"question {index}: expected predictions[{index}] to be a string and gt_answers[{index}] a list of strings, "
+                f"got {type(pred).__name__} and {type(gts).__name__}"
+            )
         if not gts:
-            raise ValueError("a question has no ground-truth answers")
-        pred = normalize_vqa_answer(pred)
-        gts = [normalize_vqa_answer(g) for g in gts]
-        matches = sum(g == pred for g in gts)
-        total += sum(min(1.0, (matches - (g == pred)) / 3) for g in gts) / len(gts)
-    return 100.0 * total / max(1, len(predictions))
+            raise ValueError(f"gt_answers[{index}] is empty: a question needs at least one annotator answer")
+        total += vqa_question_accuracy(pred, gts)
+    return 100.0 * total / len(predictions)
 
 
 def write_vqa_submission(
@@ -322,6 +393,7 @@ __all__ = [
     "retrieval_recall",
     "topk_accuracy",
     "vqa_accuracy",
+    "vqa_question_accuracy",
     "vqa_score",
     "vqa_soft_score",
     "vqa_targets",
