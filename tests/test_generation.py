@@ -44,7 +44,7 @@ def official_beam_search(model, image, num_beams, max_len, length_penalty, early
             logp = F.log_softmax(logits[:, -1].float(), dim=-1)
             total = (logp + torch.tensor([s for _, s in beams])[:, None]).view(-1)
             scores, idx = total.topk(3 * num_beams)
-            if hyp is not None and (early_stopping or hyp[0] >= scores.max().item() / max_len**length_penalty):
+            if hyp is not None and (early_stopping or hyp[0] >= scores.max().item() / (max_len - 1) ** length_penalty):
                 break
             nxt = []
             for s, i in zip(scores.tolist(), idx.tolist()):
@@ -91,10 +91,11 @@ def test_beam_search_matches_official_loop(num_beams, early_stopping):
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_beam_one_equals_greedy(use_cache):
+def test_beam_one_with_early_stopping_equals_greedy(use_cache):
     model = peaky_captioner(seed=2)
     image = torch.randn(5, 3, 32, 32)
-    g = greedy_search(model, image, MASK, max_len=10, use_cache=use_cache)
+    g = generate(model, image, MASK, num_beams=1, max_len=10, strategy="greedy", use_cache=use_cache)
+    assert torch.equal(g.sequences, greedy_search(model, image, MASK, max_len=10, use_cache=use_cache).sequences)
     b = beam_search(model, image, MASK, num_beams=1, max_len=10, early_stopping=True, use_cache=use_cache)
     assert torch.equal(g.sequences, b.sequences)
     torch.testing.assert_close(g.scores, b.scores)
@@ -139,3 +140,24 @@ def test_bad_inputs_raise_clear_errors():
         generate(model, torch.randn(3, 32, 32), MASK)
     with pytest.raises(TypeError, match="BEiT3ForCaptioning"):
         generate(multiway.create_model("beit3_tiny_patch8_32_vqav2", num_classes=3), torch.randn(1, 3, 32, 32), MASK)
+    image = torch.randn(2, 3, 32, 32)
+    cases = [
+        (dict(image=image.long()), TypeError, "float tensor"),
+        (dict(image=image[:0]), ValueError, "empty batch"),
+        (dict(image=torch.randn(2, 1, 32, 32)), ValueError, "image has 1 channels but the model takes 3"),
+        (dict(image=torch.randn(2, 3, 48, 48)), ValueError, "48x48 but the model was built for 32x32"),
+        (dict(mask_id=40), ValueError, r"mask_id must be a token id in \[0, 40\)"),
+        (dict(mask_id=-1), ValueError, "mask_id"),
+        (dict(num_beams=0), ValueError, "num_beams must be an int >= 1, got 0"),
+        (dict(num_beams=2.0), ValueError, "num_beams must be an int"),
+        (dict(max_len=8.0), TypeError, "max_len must be an int"),
+        (dict(length_penalty=float("nan")), ValueError, "length_penalty must be a finite number"),
+        (dict(vocab_limit=41), ValueError, r"vocab_limit must be in \[3, 40\]"),
+        (dict(strategy="sample"), ValueError, "strategy must be 'beam' or 'greedy'"),
+        (dict(strategy="greedy", num_beams=3), ValueError, "num_beams must be 1"),
+        (dict(strategy="greedy", num_beams=1, early_stopping=True), TypeError, "early_stopping"),
+    ]
+    for kwargs, error, match in cases:
+        args = {"image": image, "mask_id": MASK, **kwargs}
+        with pytest.raises(error, match=match):
+            generate(model, args.pop("image"), args.pop("mask_id"), **{"max_len": 8, **args})

@@ -1,4 +1,5 @@
-"""Caption generation for :class:`BEiT3ForCaptioning`: greedy and beam search with the key/value cache.
+"""Caption generation for :class:`BEiT3ForCaptioning`: beam search (the official evaluation, any beam count)
+and plain greedy decoding, with the key/value cache.
 
 Decoding follows the official BEiT-3 protocol (unilm ``CaptioningHandler.eval_batch``), batched over images
 and beams with tensor operations instead of a per-example Python loop:
@@ -10,8 +11,11 @@ and beams with tensor operations instead of a per-example Python loop:
 * beam search keeps ``num_beams`` live hypotheses per image, closes one when ``</s>`` ranks among the
   candidates ahead of the ``num_beams``-th live continuation, scores a closed hypothesis as
   ``sum_logprob / len ** length_penalty`` (``len`` counts ``<s>`` and ``</s>``), and stops an image when no live
-  beam can beat its best closed one (``early_stopping=False``, the official setting) or as soon as one is
+  beam can beat its best closed one, i.e. when its best closed score is at least the best live sum over
+  ``(max_len - 1) ** length_penalty`` (``early_stopping=False``, the official setting), or as soon as one is
   closed (``early_stopping=True``);
+* ``num_beams=1`` is this beam search with one beam, as in the official handler; ``generate(strategy="greedy")``
+  is plain arg-max decoding that stops at the first ``</s>``;
 * at the last step (``len == max_len - 1``) the best candidate closes its beam with ``</s>`` in place of the
   predicted word (the official handler's rule), so outputs are at most ``max_len`` tokens with ``<s>``/``</s>``.
 
@@ -22,15 +26,16 @@ the cache.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..constants import BOS_ID, EOS_ID, PAD_ID
 from .multiway import KVCache
-
-BOS_ID, PAD_ID, EOS_ID = 0, 1, 2
 
 
 @dataclass
@@ -90,16 +95,44 @@ class _Stepper:
             self.image = self.image.index_select(0, index)
 
 
-def _check(model: nn.Module, image: Tensor, max_len: int) -> None:
+def _check(
+    model: nn.Module,
+    image: Tensor,
+    max_len: int,
+    mask_id: int | None = None,
+    length_penalty: float = 0.0,
+    vocab_limit: int | None = None,
+) -> None:
+    """Refuse inputs decoding cannot use, naming the argument, what was expected and what was given."""
     if not hasattr(model, "mlm_head") or not hasattr(model, "beit3"):
         raise TypeError(f"caption generation needs a BEiT3ForCaptioning model, got {type(model).__name__}")
+    if not isinstance(image, Tensor):
+        raise TypeError(f"image must be a (B, C, H, W) float tensor, got {type(image).__name__}")
     if image.dim() != 4:
         raise ValueError(f"image must be (B, C, H, W), got shape {tuple(image.shape)}")
+    if not image.is_floating_point():
+        raise TypeError(f"image must be a float tensor (normalised pixels), got dtype {image.dtype}")
+    if image.shape[0] == 0:
+        raise ValueError("image is an empty batch (B = 0): nothing to caption")
+    cfg = model.config
+    if image.shape[1] != cfg.in_chans:
+        raise ValueError(f"image has {image.shape[1]} channels but the model takes {cfg.in_chans} (image shape {tuple(image.shape)})")
+    if tuple(image.shape[-2:]) != (cfg.img_size, cfg.img_size):
+        raise ValueError(f"image is {image.shape[-2]}x{image.shape[-1]} but the model was built for {cfg.img_size}x{cfg.img_size}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int):
+        raise TypeError(f"max_len must be an int, got {type(max_len).__name__}")
     if max_len < 3:
         raise ValueError(f"max_len must be >= 3 (<s>, one word, </s>), got {max_len}")
     table = model.beit3.encoder.embed_positions["B"].num_embeddings
     if max_len + 2 > table:
         raise ValueError(f"max_len={max_len} needs {max_len + 2} text position rows; the model has {table} (max_text_positions)")
+    vocab = model.mlm_head.out_features
+    if mask_id is not None and not 0 <= mask_id < cfg.vocab_size:
+        raise ValueError(f"mask_id must be a token id in [0, {cfg.vocab_size}) (the model's vocab_size), got {mask_id}")
+    if not math.isfinite(length_penalty):
+        raise ValueError(f"length_penalty must be a finite number, got {length_penalty}")
+    if vocab_limit is not None and not 3 <= vocab_limit <= vocab:
+        raise ValueError(f"vocab_limit must be in [3, {vocab}] (the LM head's rows; <s>, <pad>, </s> come first), got {vocab_limit}")
 
 
 @torch.no_grad()
@@ -120,7 +153,7 @@ def greedy_search(
     ``length_penalty`` only affects the returned scores (``sum_logprob / len ** length_penalty``).
     ``vocab_limit``: never emit ids >= this (the tokenizer's vocabulary size; default: any row of the head).
     """
-    _check(model, image, max_len)
+    _check(model, image, max_len, mask_id, length_penalty, vocab_limit)
     batch, device = image.shape[0], image.device
     out = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
     out_scores = torch.zeros(batch, device=device)
@@ -169,10 +202,10 @@ def beam_search(
 
     The image is encoded once per example; its cached keys/values are then copied to the ``num_beams`` rows.
     """
-    _check(model, image, max_len)
+    _check(model, image, max_len, mask_id, length_penalty, vocab_limit)
     k = num_beams
-    if k < 1:
-        raise ValueError(f"num_beams must be >= 1, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"num_beams must be an int >= 1, got {k!r}")
     batch, device = image.shape[0], image.device
     out = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
     best = torch.full((batch,), float("-inf"), device=device)  # best closed hypothesis per example
@@ -198,8 +231,9 @@ def beam_search(
         cand_beam, cand_word = cand_idx // vocab, cand_idx % vocab
         rows = alive
 
-        # An example is over when it holds a closed hypothesis no live beam can beat.
-        bound = cand_scores[:, 0] / max_len**length_penalty
+        # An example is over when it holds a closed hypothesis no live beam can beat. The official bound
+        # (BeamHypotheses.is_done) normalises the best live score by max_len - 1 (the length without <s>).
+        bound = cand_scores[:, 0] / (max_len - 1) ** length_penalty
         done = has_hyp[rows] & (torch.ones_like(bound, dtype=torch.bool) if early_stopping else best[rows] >= bound)
 
         last = cur_len + 1 == max_len
@@ -252,13 +286,28 @@ def generate(
     num_beams: int = 3,
     max_len: int = 32,
     length_penalty: float = 0.6,
+    strategy: Literal["beam", "greedy"] = "beam",
     **kwargs,
 ) -> GenerationOutput:
-    """Caption ``image`` (B, C, H, W): greedy when ``num_beams == 1`` else beam search (official defaults)."""
-    if num_beams == 1:
-        kwargs.pop("early_stopping", None)
+    """Caption ``image`` (B, C, H, W) -> :class:`GenerationOutput` (sequences (B, max_len), scores (B,)).
+
+    ``strategy="beam"`` (default) is the official evaluation for every ``num_beams``, 1 included: beam search
+    with ``num_beams`` beams, where a ``</s>`` among the candidates closes a hypothesis while decoding goes on
+    with the best live words, and the best length-normalised closed hypothesis is returned. With one beam this
+    differs from greedy decoding: when ``</s>`` is the arg-max, greedy stops, beam search keeps the closed
+    caption and still tries the runner-up word, which may end in a better-scoring longer caption.
+    ``strategy="greedy"`` is plain arg-max decoding that stops at the first ``</s>`` (``num_beams`` must be 1).
+    Other keyword arguments go to :func:`beam_search` / :func:`greedy_search`.
+    """
+    if strategy == "beam":
+        return beam_search(model, image, mask_id, num_beams=num_beams, max_len=max_len, length_penalty=length_penalty, **kwargs)
+    if strategy == "greedy":
+        if num_beams != 1:
+            raise ValueError(f"strategy='greedy' decodes one sequence per image; num_beams must be 1, got {num_beams}")
+        if "early_stopping" in kwargs:
+            raise TypeError("early_stopping applies to strategy='beam' only")
         return greedy_search(model, image, mask_id, max_len=max_len, length_penalty=length_penalty, **kwargs)
-    return beam_search(model, image, mask_id, num_beams=num_beams, max_len=max_len, length_penalty=length_penalty, **kwargs)
+    raise ValueError(f"strategy must be 'beam' or 'greedy', got {strategy!r}")
 
 
 __all__ = ["GenerationOutput", "beam_search", "generate", "greedy_search"]
