@@ -10,9 +10,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torchvision.transforms import v2
 
-INCEPTION_MEAN = INCEPTION_STD = (0.5, 0.5, 0.5)  # BEiT-3's vision-language normalisation
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from multiway.constants import IMAGENET_MEAN, IMAGENET_STD, VL_MEAN, VL_STD
+
 BICUBIC = v2.InterpolationMode.BICUBIC
 
 VL_TASKS = ("nlvr2", "vqav2", "coco_retrieval", "flickr30k", "coco_captioning", "nocaps")
@@ -32,7 +31,7 @@ def _randaugment() -> v2.Transform:
 
 def build_transform(task: str, is_train: bool, img_size: int = 224, randaug: bool = False,
                     crop_pct: float = 1.0, crop_scale: tuple[float, float] = (0.5, 1.0), hflip: bool = True,
-                    mean: Sequence[float] = INCEPTION_MEAN, std: Sequence[float] = INCEPTION_STD) -> Callable:
+                    mean: Sequence[float] = VL_MEAN, std: Sequence[float] = VL_STD) -> Callable:
     """Official BEiT-3 transform of ``task`` (PIL -> (3, S, S) float tensor).
 
     Vision-language tasks (mean = std = 0.5): train = RandomResizedCrop(scale=``crop_scale``, bicubic) + horizontal
@@ -110,7 +109,7 @@ class PretrainTransform:
             ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
         self.common = v2.Compose(ops + [v2.ToDtype(torch.float32, scale=True)])
         self.img_size, self.tokenizer_size = img_size, tokenizer_size
-        self.normalize = v2.Normalize(INCEPTION_MEAN, INCEPTION_STD)
+        self.normalize = v2.Normalize(VL_MEAN, VL_STD)
 
     def __call__(self, img) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         x = self.common(img).clamp_(0, 1)

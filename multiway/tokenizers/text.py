@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+from ..constants import BOS_ID, EOS_ID, PAD_ID, UNK_ID
+
 FAIRSEQ_OFFSET = 1
 
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import check_keys, from_dict, to_dict
+from ..constants import INDEX_FILES
 from ..train.loop import MapDatasetTask, TrainConfig, latest_checkpoint, train
 from .teachers import build_teacher
 from .vqkd import VQKD, VQKDConfig, load_vqkd, save_vqkd, vqkd_config
@@ -239,8 +240,8 @@ def code_histograms(model: VQKD, images: Iterable[torch.Tensor], device: str | t
 
 
 def probe_visual_tokenizer(tokenizer: str | os.PathLike | VQKD, data_dir: str | os.PathLike,
-                           train_index: str = "imagenet.train.index.jsonl",
-                           val_index: str = "imagenet.val.index.jsonl", epochs: int = 200,
+                           train_index: str = INDEX_FILES["imagenet"]["train"][0],
+                           val_index: str = INDEX_FILES["imagenet"]["val"][0], epochs: int = 200,
                            batch_size: int = 256) -> dict[str, float]:
     """Linear probe on bag-of-codes histograms over an ImageNet-style index (``image_path``, ``label``).
 
