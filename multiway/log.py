@@ -124,8 +124,8 @@ def progress(iterable: Iterable | None = None, *, file: IO[str] | None = None, d
     if disable is None:
         disable = process_rank() != 0
     if not _is_terminal(stream):
-        interval = progress_interval()
-        kwargs.setdefault("mininterval", interval)
+        # a caller's mininterval is meant for a terminal; a log file gets at least the configured interval
+        kwargs["mininterval"] = max(kwargs.get("mininterval", 0.0), progress_interval())
         kwargs["maxinterval"] = max(kwargs.get("maxinterval", 10.0), kwargs["mininterval"])
         kwargs.setdefault("dynamic_ncols", False)
         kwargs.setdefault("ascii", True)

@@ -362,8 +362,6 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 200
     Idempotent: if ``out_dir/manifest.json`` records the same parameters, nothing is redone. Returns
     ``out_dir``. Defaults (2000 scenes at 64 px) take seconds on 2 CPU cores.
     """
-    from tqdm import tqdm
-
     from multiway.data.io import write_jsonl
     from multiway.data.raw_indexes import (
         build_coco_captioning_index,
@@ -372,6 +370,7 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 200
         build_nlvr2_index,
         build_vqa_index,
     )
+    from multiway.log import progress as progress_bar
     from multiway.tokenizers.text import TextTokenizer, train_text_tokenizer
 
     params = SynthParams(num_images, num_pairs, imagenet_per_class, img_size, seed, vocab_size, shard_size)
@@ -386,7 +385,7 @@ def generate_synthetic_dataset(out_dir: str | os.PathLike, num_images: int = 200
         manifest_path.unlink()  # incomplete until rewritten
     t0 = time.time()
     rng = random.Random(seed)
-    bar = tqdm(total=num_images + 2 * num_pairs + imagenet_per_class * len(COLOURS) * len(SHAPES),
+    bar = progress_bar(total=num_images + 2 * num_pairs + imagenet_per_class * len(COLOURS) * len(SHAPES),
                desc="synth images", disable=not progress)
 
     # scenes -> images, Karpathy captions, VQA raw files, shards

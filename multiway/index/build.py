@@ -106,12 +106,11 @@ def _todo(conn, files: Sequence[Path]) -> tuple[list[tuple[Path, int, int]], int
 
 def _embed_into(conn, pred, todo: Sequence[tuple[Path, int, int]], batch_size: int, progress: bool, desc: str) -> tuple[int, list[str]]:
     """Embed ``todo`` batch by batch, one committed transaction per batch. Returns (embedded, errors)."""
-    from tqdm import tqdm
-
     from ..downstream.predict import embed_images
+    from ..log import progress as progress_bar
 
     embedded, errors = 0, []
-    bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress or not todo, file=sys.stderr, mininterval=1.0)
+    bar = progress_bar(total=len(todo), desc=desc, unit="img", disable=not progress or not todo, file=sys.stderr, mininterval=1.0)
     for i in range(0, len(todo), batch_size):
         chunk = todo[i : i + batch_size]
         vectors, ok_paths, errs = embed_images(pred, [p for p, _, _ in chunk], batch_size=batch_size)

@@ -25,6 +25,7 @@ from typing import Any, Literal
 import torch
 
 from ..config import check_literals
+from ..log import get_logger
 from ..train.loop import train
 from .config import TINY_TEXT, MeterConfig, tiny_config
 from .model import METERForPretraining, count_parameters
@@ -53,6 +54,8 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "mlm+itm+mim_vqkd": dict(mlm=True, itm=True, mim=True, mim_target="vqkd", vqkd_tokenizer="vqkd_tiny_patch8_32"),
 }
 TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -283,7 +286,8 @@ def _run_study(cfg: StudyConfig, progress: bool) -> list[dict[str, Any]]:
         row["cell_s"] = time.perf_counter() - t0
         rows.append(row)
         if progress:
-            print(f"[meter study] {i + 1}/{len(cells)} {f} {a} {o} {e}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("fusion", "architecture", "objectives", "encoders")), flush=True)
+            scores = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("fusion", "architecture", "objectives", "encoders"))
+            logger.info("meter study %d/%d %s %s %s %s: %s", i + 1, len(cells), f, a, o, e, scores)
         write_results(rows, cfg, out)
     return rows
 

@@ -34,7 +34,10 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..log import get_logger
+
 STATIC_DIR = Path(__file__).parent / "static"
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -392,7 +395,7 @@ def serve(cfg: ServeConfig) -> None:
     except ValueError:
         loopback = cfg.host == "localhost"
     if not loopback:
-        print(f"warning: binding to {cfg.host}: the demo is reachable from other machines", flush=True)
+        logger.warning("binding to %s: the demo is reachable from other machines", cfg.host)
     app = create_app(cfg)
-    print(f"serving on http://{cfg.host}:{cfg.port}/ (API under /api/, schema at /docs)", flush=True)
+    logger.info("serving on http://%s:%d/ (API under /api/, schema at /docs)", cfg.host, cfg.port)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")

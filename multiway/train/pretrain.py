@@ -32,8 +32,11 @@ import torch
 from torch import Tensor, nn
 
 from ..config import check_literals, from_dict, load_config, to_dict
+from ..log import get_logger
 from .loop import TrainConfig, _mix, train
 from .objectives import masked_accuracy_counts, mdm_loss, pair_contrastive_loss
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -369,10 +372,10 @@ def ensure_visual_tokenizer(cfg: PretrainConfig) -> Path:
     path = root / f"vqkd_{cfg.vqkd_preset}_pixels_{cfg.vqkd_steps}.safetensors"
     if not path.is_file():
         images = root / "images" / "train"
-        print(f"[multiway] training a {cfg.vqkd_preset} visual tokenizer (pixels teacher, {cfg.vqkd_steps} steps) on {images}", flush=True)
+        logger.info("training a %s visual tokenizer (pixels teacher, %d steps) on %s", cfg.vqkd_preset, cfg.vqkd_steps, images)
         metrics = train_visual_tokenizer(images, path, preset=cfg.vqkd_preset, teacher="pixels", steps=cfg.vqkd_steps,
                                          num_workers=0, seed=0, progress=cfg.train.progress)
-        print(f"[multiway] visual tokenizer: {json.dumps({k: v for k, v in metrics.items() if k != 'path'})}", flush=True)
+        logger.info("visual tokenizer: %s", json.dumps({k: v for k, v in metrics.items() if k != "path"}))
     return path
 
 
