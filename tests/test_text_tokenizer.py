@@ -102,3 +102,25 @@ def test_tokenizer_pickles(spm_file):
 def test_missing_model_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.spm"):
         TextTokenizer(tmp_path / "nope.spm")
+
+
+def test_bad_arguments_name_what_was_expected(spm_file):
+    tok = TextTokenizer(spm_file)
+    cases = [
+        (lambda: tok.encode("x", max_len=1), ValueError, "max_len must be >= 2"),
+        (lambda: tok.encode("x", max_len=8.0), TypeError, "max_len must be an int, got float"),
+        (lambda: tok.encode([5, tok.vocab_size], 8), ValueError, rf"id {tok.vocab_size} at position 1 is outside the vocabulary \[0, "),
+        (lambda: tok.encode([5, -2], 8), ValueError, "token id -2 at position 1"),
+        (lambda: tok.encode([5, 2.5], 8), TypeError, "token id at position 1 must be an int, got float"),
+        (lambda: tok.encode(b"bytes", 8), TypeError, "text must be a string or a sequence of token ids, got bytes"),
+        (lambda: tok.encode(None, 8), TypeError, "got NoneType"),
+        (lambda: tok([]), ValueError, "texts is empty"),
+        (lambda: tok(["fine", 7]), TypeError, r"texts\[1\]: text must be a string or a sequence of token ids, got int"),
+        (lambda: tok(["fine"], max_len=True), TypeError, "max_len must be an int, got bool"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    ids = tok.encode(torch.tensor([5, 6]), 6)[0]  # a tensor of ids is accepted
+    assert ids == [BOS_ID, 5, 6, EOS_ID, PAD_ID, PAD_ID]
+    assert tok([""])["language_tokens"].tolist() == [[BOS_ID, EOS_ID] + [PAD_ID] * 62]

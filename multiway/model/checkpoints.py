@@ -181,6 +181,10 @@ def load_checkpoint(
 
     Returns a :class:`LoadReport`; a summary is logged.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module (a backbone or a task model), got {type(model).__name__}")
+    if not isinstance(checkpoint, (str, os.PathLike, Mapping)):
+        raise TypeError(f"checkpoint must be a file path or a state dict, got {type(checkpoint).__name__}")
     source = str(checkpoint) if not isinstance(checkpoint, Mapping) else "state dict"
     state = read_checkpoint(checkpoint)[0] if not isinstance(checkpoint, Mapping) else unwrap_state_dict(checkpoint)
     state = _align_prefix(state, model)

@@ -84,6 +84,8 @@ def create_model(name_or_path: str | os.PathLike, pretrained: str | os.PathLike 
     Example:
         >>> model = create_model("beit3_base_patch16_224_retrieval", depth=2, embed_dim=64, num_heads=4)
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"name_or_path must be a model name or a checkpoint path, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
     if path.suffix == ".safetensors" or path.is_file():
         return _from_file(path, kwargs)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .config import MultiwayConfig
 from .multiway import KVCache, MultiwayTransformer, image_to_text_mask, init_linear_and_norm
+from .validation import check_image, check_mask, check_same_batch, check_token_ids, checking
 
 
 class BEiT3Model(nn.Module):
@@ -36,6 +37,12 @@ class BEiT3Model(nn.Module):
     def head_config(self) -> dict:
         """Keyword arguments (beyond the config) needed to rebuild this model."""
         return {}
+
+    def check_text(self, ids_name: str, ids: Tensor, mask_name: str = "padding_mask", mask: Tensor | None = None) -> None:
+        """Token ids (B, T) within the vocabulary and their optional 0/1 mask of the same shape (see :mod:`.validation`)."""
+        check_token_ids(ids_name, ids, self.config.vocab_size)
+        if mask is not None:
+            check_mask(mask_name, mask, tuple(ids.shape), f"{ids_name} (B, T)")
 
     def init_head(self, *modules: nn.Module) -> None:
         """Initialise head modules by ``config.head_init``: ``"official"`` (:func:`init_linear_and_norm`) or
@@ -71,6 +78,8 @@ class BEiT3ForImageClassification(BEiT3Model):
 
     def forward_features(self, image: Tensor) -> Tensor:
         """(B, C, H, W) -> pooled (B, D)."""
+        if checking():
+            check_image("image", image, self.config)
         x = self.beit3.encode_image(image)
         return self.fc_norm(x[:, 1:].mean(1))
 
@@ -110,6 +119,10 @@ class BEiT3ForVisualQuestionAnswering(BEiT3Model):
         return {"num_classes": self.num_classes}
 
     def forward(self, image: Tensor, question: Tensor, padding_mask: Tensor | None = None, **kwargs) -> Tensor:
+        if checking():
+            check_image("image", image, self.config)
+            self.check_text("question", question, "padding_mask", padding_mask)
+            check_same_batch({"image": image, "question": question})
         x = self.beit3(image, question, padding_mask).last_hidden_state
         return self.head(self.pooler(x))
 
@@ -153,6 +166,11 @@ class BEiT3ForVisualReasoning(BEiT3Model):
     def forward(
         self, image_a: Tensor, image_b: Tensor, text_description: Tensor, padding_mask: Tensor | None = None, **kwargs
     ) -> Tensor:
+        if checking():
+            check_image("image_a", image_a, self.config)
+            check_image("image_b", image_b, self.config)
+            self.check_text("text_description", text_description, "padding_mask", padding_mask)
+            check_same_batch({"image_a": image_a, "image_b": image_b, "text_description": text_description})
         batch = text_description.shape[0]
         text = torch.cat([text_description, text_description])
         pad = None if padding_mask is None else torch.cat([padding_mask, padding_mask])
@@ -200,10 +218,14 @@ class DualEncoderHeads:
 
     def encode_image(self, image: Tensor) -> Tensor:
         """(B, C, H, W) -> normalised (B, D): the projected vision [CLS] of an image-only pass."""
+        if checking():
+            check_image("image", image, self.config)
         return F.normalize(self.vision_head(self.beit3.encode_image(image)[:, 0]), dim=-1)
 
     def encode_text(self, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """(B, T) -> normalised (B, D): the projected first token of a text-only pass."""
+        if checking():
+            self.check_text("text_ids", text_ids, "padding_mask", padding_mask)
         return F.normalize(self.language_head(self.beit3.encode_text(text_ids, padding_mask)[:, 0]), dim=-1)
 
 
@@ -227,6 +249,12 @@ class BEiT3ForRetrieval(DualEncoderHeads, BEiT3Model):
         only_infer: bool = False,
         **kwargs,
     ):
+        if image is None and text_description is None:
+            raise ValueError("pass image, text_description or both")
+        if not only_infer and (image is None or text_description is None):
+            raise ValueError("the contrastive loss needs both image and text_description (only_infer=True embeds one alone)")
+        if checking():
+            check_same_batch({"image": image, "text_description": text_description})
         vision_cls = self.encode_image(image) if image is not None else None
         language_cls = self.encode_text(text_description, padding_mask) if text_description is not None else None
         if only_infer:
@@ -260,6 +288,15 @@ class BEiT3ForCaptioning(BEiT3Model):
         incremental_state: dict | KVCache | None = None,
         **kwargs,
     ):
+        if checking():
+            self.check_text("text_ids", text_ids, "padding_mask", padding_mask)
+            if image is not None:
+                check_image("image", image, self.config)
+                check_same_batch({"image": image, "text_ids": text_ids})
+            elif incremental_state is None or text_len is None:
+                raise ValueError("image=None is a decoding step: it needs incremental_state (the cache of the image) and text_len")
+            if language_masked_pos is not None:
+                check_mask("language_masked_pos", language_masked_pos, tuple(text_ids.shape), "text_ids (B, T)")
         text_len = text_ids.shape[1] if text_len is None else text_len
         num_vision = self.config.num_vision_tokens
         cache = incremental_state
@@ -297,6 +334,8 @@ class BEiT3ForTextClassification(BEiT3Model):
         return {"num_classes": self.num_classes}
 
     def forward(self, text_ids: Tensor, padding_mask: Tensor | None = None, **kwargs) -> Tensor:
+        if checking():
+            self.check_text("text_ids", text_ids, "padding_mask", padding_mask)
         return self.head(self.pooler(self.beit3.encode_text(text_ids, padding_mask)))
 
 
@@ -343,6 +382,10 @@ class BEiT3ForPretraining(DualEncoderHeads, BEiT3Model):
             image_feats, text_feats = self.encode_image(image), self.encode_text(text_ids, padding_mask)
             loss, _, _ = contrastive_loss(image_feats.float(), text_feats.float(), self.logit_scale.exp().float())
             return loss, image_feats, text_feats
+        if checking() and text_ids is not None:
+            self.check_text("text_ids", text_ids, "padding_mask", padding_mask)
+            if text_masked_positions is not None:
+                check_mask("text_masked_positions", text_masked_positions, tuple(text_ids.shape), "text_ids (B, T)")
         out = self.beit3(image, text_ids, padding_mask, image_masked_positions=image_masked_positions)
         x, nv = out.last_hidden_state, out.num_vision
         text_logits = image_logits = None
@@ -363,6 +406,10 @@ TASK_HEADS: dict[str, tuple[type[BEiT3Model], dict]] = {
     "textclassification": (BEiT3ForTextClassification, {}),
     "pretraining": (BEiT3ForPretraining, {}),
 }
+# detection, semantic segmentation, token classification (multiway.dense.models)
+from ..dense.models import DENSE_HEADS  # noqa: E402
+
+TASK_HEADS.update(DENSE_HEADS)
 
 
 def model_name_of(model: nn.Module) -> str:

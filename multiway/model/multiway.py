@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .config import MultiwayConfig
 from .recompute import RecomputePolicy, block_policy, run_block
+from .validation import check_backbone_inputs, checking
 
 # Official position tables reserve rows 0 and 1 (fairseq's padding offset); real positions start at 2.
 POSITION_OFFSET = 2
@@ -373,6 +374,10 @@ class MultiwayTransformer(nn.Module):
         if image is None and text_ids is None:
             raise ValueError("pass an image, text_ids or both")
         tables = self.encoder.embed_positions
+        if checking():  # argument checks (shapes, dtypes, id ranges on CPU); skipped under torch.compile
+            cached = len(kv_cache) if kv_cache is not None else 0
+            check_backbone_inputs(self.config, image, text_ids, text_padding_mask, attn_mask, image_masked_positions,
+                                  text_positions, cached, tables["B"].num_embeddings)
         parts, embeddings, num_vision = [], [], 0
         if image is not None:
             x_img = self.vision_embed(image, image_masked_positions)

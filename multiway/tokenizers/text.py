@@ -105,18 +105,44 @@ class TextTokenizer:
         ``text`` is a string or already-converted ids without specials (an index's ``text_segment``).
         Returns ``(ids, padding_mask)``, both of length ``max_len``; ``padding_mask`` is 1 on pads.
         """
-        if max_len < 2:
-            raise ValueError(f"max_len must be >= 2 (room for <s> and </s>), got {max_len}")
-        ids = self.text_to_ids(text) if isinstance(text, str) else [int(i) for i in text]
+        _check_max_len(max_len)
+        if isinstance(text, str):
+            ids = self.text_to_ids(text)
+        else:
+            ids = self._checked_ids(text)
         ids = [BOS_ID] + ids[: max_len - 2] + [EOS_ID]
         n = len(ids)
         return ids + [PAD_ID] * (max_len - n), [0] * n + [1] * (max_len - n)
 
+    def _checked_ids(self, ids: object) -> list[int]:
+        """Already-converted ids (an index's ``text_segment``): integers in ``[0, vocab_size)``."""
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        if not isinstance(ids, Sequence) or isinstance(ids, (bytes, bytearray)):
+            raise TypeError(f"text must be a string or a sequence of token ids, got {type(ids).__name__}")
+        out = []
+        for position, value in enumerate(ids):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"token id at position {position} must be an int, got {type(value).__name__} {value!r}")
+            if not 0 <= value < self.vocab_size:
+                raise ValueError(f"token id {value} at position {position} is outside the vocabulary [0, {self.vocab_size})")
+            out.append(value)
+        return out
+
     def __call__(self, texts: str | Iterable[str | Sequence[int]], max_len: int = 64) -> dict[str, torch.Tensor]:
         """Batch-encode; returns ``{"language_tokens": (B,T) long, "padding_mask": (B,T) long}``."""
+        _check_max_len(max_len)
         if isinstance(texts, str):
             texts = [texts]
-        rows = [self.encode(t, max_len) for t in texts]
+        texts = list(texts)
+        if not texts:
+            raise ValueError("texts is empty: pass at least one string (an empty string encodes as <s> </s>)")
+        rows = []
+        for index, text in enumerate(texts):
+            try:
+                rows.append(self.encode(text, max_len))
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"texts[{index}]: {e}") from e
         return {
             "language_tokens": torch.tensor([r[0] for r in rows], dtype=torch.long).view(len(rows), max_len),
             "padding_mask": torch.tensor([r[1] for r in rows], dtype=torch.long).view(len(rows), max_len),
@@ -148,6 +174,13 @@ class TextTokenizer:
 
     def batch_decode(self, batch: torch.Tensor | Sequence[Sequence[int]], skip_special_tokens: bool = True) -> list[str]:
         return [self.decode(row, skip_special_tokens) for row in batch]
+
+
+def _check_max_len(max_len: object) -> None:
+    if isinstance(max_len, bool) or not isinstance(max_len, int):
+        raise TypeError(f"max_len must be an int, got {type(max_len).__name__}")
+    if max_len < 2:
+        raise ValueError(f"max_len must be >= 2 (room for <s> and </s>), got {max_len}")
 
 
 def train_text_tokenizer(
