@@ -92,7 +92,8 @@ def test_timm_weights_from_local_file_with_resolution_change(tmp_path):
 def test_hf_text_encoder_from_local_dir(tmp_path):
     from transformers import BertConfig, BertModel
 
-    src = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
+    bert_config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    src = BertModel(bert_config, add_pooling_layer=False)
     src.save_pretrained(tmp_path / "bert")
     enc = TextEncoder(TextEncoderConfig("hf", "bert", pretrained=str(tmp_path / "bert"), vocab_size=100), extra_tokens=8)
     assert enc.width == 32 and enc.vocab_size == 108

@@ -219,15 +219,37 @@ def test_study_cli_writes_table_and_plot(builtin, tmp_path):
     from multiway.cli import main
 
     out = tmp_path / "study"
-    rc = main(["study", "meter", "--data", str(builtin), "--out", str(out), "fusions=[co_attention, merged_attention]",
-               "architectures=[encoder_only]", "objectives=[itm]", "encoders=[vit+embedding]", "tasks=[vqa]",
+    rc = main(["study", "meter", "--fast", "--data", str(builtin), "--out", str(out), "tasks=[vqa]", "objectives=[itm]",
                "pretrain_steps=1", "finetune_steps=1"])
     assert rc == 0
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["fusion"] for r in rows] == ["co_attention", "merged_attention"]
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]  # the two fusions, then the lr control (first cell, new layers at x1)
+    assert [(r["fusion"], r["lr_mult_top"], r["seeds"]) for r in rows] == [("co_attention", 5.0, 2), ("merged_attention", 5.0, 2),
+                                                                          ("co_attention", 1.0, 2)]
+    assert len(result["runs"]) == 6 and all("vqa_score_std" in r for r in rows) and 0 <= result["priors"]["nlvr2_acc"] <= 100
     md = (out / "results.md").read_text()
-    assert md.startswith("| Fusion | Architecture") and md.count("\n") == 4
+    assert md.startswith("| Fusion | Architecture") and " ± " in md
+    assert "| co-attention beats merged attention |" in md and "| a larger lr for the new layers helps |" in md
     assert (out / "results.png").stat().st_size > 1000
+
+
+def test_findings_count_a_difference_only_beyond_the_spread():
+    from multiway.meter.study import findings
+
+    def row(fusion, arch, vqa, std, enc="vit+bert", top=5.0):
+        return {"fusion": fusion, "architecture": arch, "objectives": "mlm+itm", "encoders": enc, "lr_mult_top": top,
+                "vqa_score": vqa, "vqa_score_std": std}
+
+    rows = [row("co_attention", "encoder_only", 20.0, 1.0), row("merged_attention", "encoder_only", 17.0, 1.0),  # 3 > 2: supports
+            row("co_attention", "encoder_decoder", 10.0, 2.0), row("merged_attention", "encoder_decoder", 11.0, 2.0),  # within
+            row("co_attention", "encoder_only", 12.0, 0.5, top=1.0)]
+    by_claim = {f["claim"]: f for f in findings(rows)}
+    assert by_claim["co-attention beats merged attention"]["finding"] == "supports (1 of 2 resolved)"
+    assert by_claim["encoder-only beats encoder-decoder on discriminative tasks"]["finding"] == "supports"
+    assert by_claim["a larger lr for the new layers helps"]["finding"] == "supports"
+    assert by_claim["a pretrained text encoder matters"]["finding"].startswith("cannot resolve (no pair")
+    rows[1]["vqa_score"] = 25.0  # merged now ahead beyond the spread in one pair
+    assert findings(rows)[0]["finding"] == "contradicts (1 of 2 resolved)"
 
 
 def test_study_rejects_unknown_axis_values():

@@ -9,10 +9,10 @@ from ..config import add_config_arguments, config_from_args
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import StudyConfig, run_study, to_markdown
+    from .study import FAST, StudyConfig, run_study, to_markdown
 
     updates = {k: v for k, v in (("data_dir", args.data), ("out_dir", args.out)) if v is not None}
-    cfg = config_from_args(StudyConfig, args, updates=updates)
+    cfg = config_from_args(StudyConfig, args, base=FAST if args.fast else None, updates=updates)
     rows = run_study(cfg)
     print(to_markdown(rows))
     print(f"results: {cfg.out_dir}/results.md, results.json, results.png")
@@ -70,6 +70,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p = study_sub.add_parser("meter", help="train and evaluate every cell of a METER grid; writes a table and a plot")
     p.add_argument("--data", default=None, help="data set folder (official index format); generated if missing (default data/builtin)")
     p.add_argument("--out", default=None, help="output folder (default runs/meter_study)")
+    p.add_argument("--fast", action="store_true", help="the CI smoke budget (multiway.meter.study.FAST) under --config and overrides")
     add_config_arguments(p, "YAML study config (e.g. configs/meter_study_tiny.yaml); axes and budgets as overrides: "
                             "fusions=[co_attention] encoders=[vit+embedding] pretrain_steps=100 precision=bf16")
     p.set_defaults(func=_study)

@@ -235,7 +235,9 @@ TINY_VISION = {
         img_size=32,
         kwargs=dict(patch_size=4, embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4),
     ),
-    "multiway": VisionEncoderConfig("multiway", "beit3_tiny_patch8_32", img_size=32, kwargs=dict(depth=2, embed_dim=32, num_heads=2, ffn_dim=64)),
+    "multiway": VisionEncoderConfig(
+        "multiway", "beit3_tiny_patch8_32", img_size=32, kwargs=dict(depth=2, embed_dim=32, num_heads=2, ffn_dim=64)
+    ),
 }
 TINY_TEXT = {
     "bert": TextEncoderConfig(

@@ -137,8 +137,8 @@ def load_timm_weights(model: nn.Module, path: str | os.PathLike) -> None:
 
 
 def _build_multiway(cfg: VisionEncoderConfig) -> tuple[nn.Module, int, int, int]:
-    from ..model.config import PRESETS as MULTIWAY_PRESETS
     from ..model import create_model, load_checkpoint
+    from ..model.config import PRESETS as MULTIWAY_PRESETS
 
     if cfg.name not in MULTIWAY_PRESETS:
         raise ValueError(f"vision.name={cfg.name!r} is not a multiway preset; accepted values: {sorted(MULTIWAY_PRESETS)}")

@@ -109,7 +109,9 @@ def whole_word_mask(
     return out, labels
 
 
-def mlm_mask(ids: Tensor, padding_mask: Tensor, spec: TextSpec, prob: float, whole_word: bool, rng: np.random.Generator) -> tuple[Tensor, Tensor]:
+def mlm_mask(
+    ids: Tensor, padding_mask: Tensor, spec: TextSpec, prob: float, whole_word: bool, rng: np.random.Generator
+) -> tuple[Tensor, Tensor]:
     """MLM inputs and labels (``IGNORE_INDEX`` where not predicted). Token-level masking uses the data
     module's :func:`~multiway.data.masking.mask_text` with BERT's 80/10/10 split."""
     if whole_word:
@@ -245,7 +247,7 @@ def load_mim_tokenizer(obj: ObjectiveConfig, grid: int) -> Any:
         return None
     if not obj.vqkd_tokenizer:
         raise ValueError("objectives.mim_target='vqkd' needs objectives.vqkd_tokenizer (a local VQ-KD file or preset name)")
-    from ..tokenizers.visual import VQKD_PRESETS, load_vqkd
+    from ..tokenizers.vqkd import VQKD_PRESETS, load_vqkd
 
     path = obj.vqkd_tokenizer
     if path not in VQKD_PRESETS and not Path(path).is_file():

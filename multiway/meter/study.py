@@ -3,8 +3,13 @@ grid on one data set, and tabulate task metrics, parameter counts and throughput
 
 Each cell: build a tiny METER, pre-train it on the data set's image-caption pairs with the cell's objectives,
 then fine-tune a copy on each downstream task (VQAv2, NLVR2, retrieval with fusion re-ranking, and captioning
-for the encoder-decoder) and evaluate with the shared metrics. Results go to ``results.json``, ``results.md``
-and ``results.png`` under ``out_dir``.
+for the encoder-decoder) and evaluate with the shared metrics. Every cell runs once per seed in ``seeds`` (model
+init, data order, masking; the data set is the same), and the table reports mean ± std over the seeds. With
+``lr_control`` the first cell also runs with the new layers at the encoders' lr (x1), for the paper's
+learning-rate claim. A findings table states, for each of the paper's claims (:data:`CLAIMS`), whether the run
+supports it, contradicts it or cannot resolve it: a difference counts only when it exceeds the spread (the sum
+of the two standard deviations). Results go to ``results.json`` (every run and the aggregates), ``results.md``
+and ``results.png`` under ``out_dir``. ``FAST`` is the CI smoke budget (``multiway study meter --fast``).
 
 The "pretrained" text encoders of the grid are real local checkpoints: a tiny BERT trained here with MLM on the
 data set's text for ``text_pretrain_steps`` and saved with ``save_pretrained``; the METER model then loads it
@@ -54,6 +59,15 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "mlm+itm+mim_vqkd": dict(mlm=True, itm=True, mim=True, mim_target="vqkd", vqkd_tokenizer="vqkd_tiny_patch8_32"),
 }
 TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
+# the cell's identity in the table (the seed is averaged over)
+CELL_KEYS = ("fusion", "architecture", "objectives", "encoders", "lr_mult_top")
+# the discriminative metrics the claims are judged on
+CLAIM_METRICS = (("vqa_score", "VQA"), ("nlvr2_acc", "NLVR2"), ("ret_avg", "retrieval"))
+# The CI smoke: two seeds, two cells and the lr control, a handful of steps.
+FAST: dict[str, Any] = dict(
+    fusions=["co_attention", "merged_attention"], architectures=["encoder_only"], objectives=["mlm+itm"], encoders=["vit+embedding"],
+    tasks=["vqa", "nlvr2"], seeds=[0, 1], pretrain_steps=2, finetune_steps=2, text_pretrain_steps=2, max_eval_items=16, batch_size=8,
+)
 
 logger = get_logger(__name__)
 
@@ -79,7 +93,9 @@ class StudyConfig:
     lr_mult_top: float = 5.0
     lr_mult_head: float = 10.0
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 autocast needs a GPU
-    seed: int = 0
+    seed: int = 0  # the data set and the locally pre-trained text encoder
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every cell runs once per seed
+    lr_control: bool = True  # also run the first cell with lr_mult_top = lr_mult_head = 1 (the lr claim)
     max_eval_items: int = 128
     num_images: int = 400  # scenes of the built-in data when it is generated
     num_threads: int = 1  # tiny models on a shared CPU: one thread is many times faster than contended ones
@@ -100,6 +116,8 @@ class StudyConfig:
             bad = [v for v in values if v not in accepted]
             if bad:
                 raise ValueError(f"study {option}: {bad} not supported; accepted values: {', '.join(accepted)}")
+        if not self.seeds:
+            raise ValueError("study seeds: empty; give at least one seed (three or more for a spread)")
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -184,7 +202,7 @@ def pretrain_text_encoder(out_dir: str | Path, data: StudyData, text_cfg_name: s
     rng = __import__("numpy").random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     model.train()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(len(ds), (batch_size,), generator=g).tolist()
         batch = _collate([ds[i] for i in idx])
         ids, pad = batch["language_tokens"], batch["padding_mask"]
@@ -200,7 +218,9 @@ def pretrain_text_encoder(out_dir: str | Path, data: StudyData, text_cfg_name: s
 # --- cells ------------------------------------------------------------------------------------------------
 
 
-def cell_config(cfg: StudyConfig, fusion: str, arch: str, objectives: str, encoders: str, data: StudyData, text_dir: Path | None) -> MeterConfig:
+def cell_config(
+    cfg: StudyConfig, fusion: str, arch: str, objectives: str, encoders: str, data: StudyData, text_dir: Path | None
+) -> MeterConfig:
     vision, text, pretrained = ENCODERS[encoders]
     mc = tiny_config(vision, text, fusion, arch, **OBJECTIVES[objectives])
     mc.text.vocab_size = data.spec.vocab_size
@@ -212,7 +232,7 @@ def cell_config(cfg: StudyConfig, fusion: str, arch: str, objectives: str, encod
 
 
 def run_cell(cfg: StudyConfig, mc: MeterConfig, data: StudyData) -> dict[str, Any]:
-    """Pre-train, then fine-tune a copy per task; returns the row of the table."""
+    """Pre-train, then fine-tune a copy per task, at ``cfg.seed``; returns the run's metrics."""
     torch.manual_seed(cfg.seed)
     spec = data.spec
     model = METERForPretraining(mc, pad_id=spec.pad_id, bos_id=spec.bos_id, eos_id=spec.eos_id)
@@ -276,20 +296,126 @@ def _run_study(cfg: StudyConfig, progress: bool) -> list[dict[str, Any]]:
     for enc in cfg.encoders:
         _, text, pretrained = ENCODERS[enc]
         if pretrained and text not in text_dirs:
-            text_dirs[text] = pretrain_text_encoder(out / f"text_{text}_pretrained", data, text, cfg.text_pretrain_steps, cfg.batch_size, cfg.seed)
-    rows = []
-    cells = [(f, a, o, e) for e in cfg.encoders for o in cfg.objectives for a in cfg.architectures for f in cfg.fusions]
-    for i, (f, a, o, e) in enumerate(cells):
-        mc = cell_config(cfg, f, a, o, e, data, text_dirs.get(ENCODERS[e][1]))
+            text_dirs[text] = pretrain_text_encoder(
+                out / f"text_{text}_pretrained", data, text, cfg.text_pretrain_steps, cfg.batch_size, cfg.seed
+            )
+    runs: list[dict[str, Any]] = []
+    grid = [(e, o, a, f) for e in cfg.encoders for o in cfg.objectives for a in cfg.architectures for f in cfg.fusions]
+    cells = [(f, a, o, e, cfg.lr_mult_top) for e, o, a, f in grid]
+    if cfg.lr_control and cfg.lr_mult_top != 1.0:
+        cells.append((*cells[0][:4], 1.0))
+    priors = task_priors(data)
+    total = len(cells) * len(cfg.seeds)
+    for i, ((f, a, o, e, top), seed) in enumerate((c, s) for c in cells for s in cfg.seeds):
+        cell_cfg = dataclasses.replace(cfg, seed=seed, lr_mult_top=top, lr_mult_head=cfg.lr_mult_head if top == cfg.lr_mult_top else 1.0)
+        mc = cell_config(cell_cfg, f, a, o, e, data, text_dirs.get(ENCODERS[e][1]))
         t0 = time.perf_counter()
-        row = {"fusion": f, "architecture": a, "objectives": o, "encoders": e, **run_cell(cfg, mc, data)}
-        row["cell_s"] = time.perf_counter() - t0
-        rows.append(row)
+        run = {"fusion": f, "architecture": a, "objectives": o, "encoders": e, "lr_mult_top": top, "seed": seed}
+        run.update(run_cell(cell_cfg, mc, data))
+        run["cell_s"] = time.perf_counter() - t0
+        runs.append(run)
         if progress:
-            scores = ", ".join(f"{k}={_fmt(v)}" for k, v in row.items() if k not in ("fusion", "architecture", "objectives", "encoders"))
-            logger.info("meter study %d/%d %s %s %s %s: %s", i + 1, len(cells), f, a, o, e, scores)
-        write_results(rows, cfg, out)
+            scores = ", ".join(f"{k}={_fmt(v)}" for k, v in run.items() if k not in CELL_KEYS)
+            logger.info("meter study %d/%d %s %s %s %s lr x%g seed %d: %s", i + 1, total, f, a, o, e, top, seed, scores)
+        write_results(aggregate(runs), cfg, out, runs, priors)
+    return aggregate(runs)
+
+
+def task_priors(data: StudyData) -> dict[str, float]:
+    """What the validation metrics give without looking at the input: NLVR2 accuracy of the training majority class,
+    VQA score of always answering the training split's highest-scoring answer."""
+    from collections import Counter
+
+    def items(ds: Any) -> list[dict[str, Any]]:
+        return [ds.dataset.items[i] for i in ds.indices] if hasattr(ds, "indices") else list(ds.items)
+
+    priors: dict[str, float] = {}
+    train, val = items(data.splits["nlvr2/train"]), items(data.splits["nlvr2/val"])
+    majority = Counter(int(it["label"]) for it in train).most_common(1)[0][0]
+    priors["nlvr2_acc"] = 100.0 * sum(int(it["label"]) == majority for it in val) / max(1, len(val))
+    answer_mass: Counter[int] = Counter()
+    for it in items(data.splits["vqa/train"]):
+        for label, score in zip(it.get("labels") or [], it.get("scores") or []):
+            answer_mass[int(label)] += float(score)
+    if answer_mass:
+        top = answer_mass.most_common(1)[0][0]
+        val_vqa = items(data.splits["vqa/val"])
+        got = [dict(zip(it.get("labels") or [], it.get("scores") or [])).get(top, 0.0) for it in val_vqa]
+        priors["vqa_score"] = 100.0 * sum(got) / max(1, len(got))
+    return priors
+
+
+def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell: ``<metric>`` = mean over its seeds, ``<metric>_std`` = sample std (0 for one seed), ``seeds``."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run[k] for k in CELL_KEYS), []).append(run)
+    rows = []
+    for key, group in groups.items():
+        row: dict[str, Any] = dict(zip(CELL_KEYS, key))
+        row["seeds"] = len(group)
+        for metric in [k for k, _ in COLUMNS] + ["cell_s", "bad_steps"]:
+            values = [r[metric] for r in group if metric in r]
+            if len(values) == len(group):
+                t = torch.tensor(values, dtype=torch.float64)
+                row[metric] = float(t.mean())
+                row[f"{metric}_std"] = float(t.std()) if len(values) > 1 else 0.0
+        rows.append(row)
     return rows
+
+
+# --- the paper's claims --------------------------------------------------------------------------------------
+
+
+def _pretrained_pairs(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    names = {r["encoders"] for r in rows}
+    return [(n, n.removesuffix("_pretrained")) for n in sorted(names) if n.endswith("_pretrained") and n[: -len("_pretrained")] in names]
+
+
+def _claims(rows: list[dict[str, Any]]) -> list[tuple[str, str, list[tuple[Any, Any]]]]:
+    """(claim, the axis compared, [(the value the paper favours, the other)])."""
+    tops = sorted({r["lr_mult_top"] for r in rows}, reverse=True)
+    return [
+        ("co-attention beats merged attention", "fusion", [("co_attention", "merged_attention")]),
+        ("a pretrained text encoder matters", "encoders", _pretrained_pairs(rows)),
+        ("encoder-only beats encoder-decoder on discriminative tasks", "architecture", [("encoder_only", "encoder_decoder")]),
+        ("a larger lr for the new layers helps", "lr_mult_top", [(tops[0], tops[-1])] if len(tops) > 1 else []),
+    ]
+
+
+def findings(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each claim: every pair of cells that differ only on the claim's axis, on each discriminative metric,
+    compared mean against mean; a difference counts when it exceeds the spread (std + std). The finding is
+    "supports" / "contradicts" when every resolved comparison agrees, else "cannot resolve"."""
+    out = []
+    for claim, axis, pairs in _claims(rows):
+        evidence, verdicts = [], []
+        for favoured, other in pairs:
+            for a in (r for r in rows if r[axis] == favoured):
+                match = [b for b in rows if b[axis] == other and all(b[k] == a[k] for k in CELL_KEYS if k != axis)]
+                for b in match:
+                    for metric, label in CLAIM_METRICS:
+                        if metric not in a or metric not in b:
+                            continue
+                        diff, spread = a[metric] - b[metric], a[f"{metric}_std"] + b[f"{metric}_std"]
+                        verdict = "supports" if diff > spread else "contradicts" if -diff > spread else "within spread"
+                        verdicts.append(verdict)
+                        rest = "/".join(str(a[k]) for k in CELL_KEYS if k != axis)
+                        evidence.append(f"{label} [{rest}]: {_pm(a, metric)} vs {_pm(b, metric)} ({verdict})")
+        resolved = [v for v in verdicts if v != "within spread"]
+        if not resolved:
+            finding = "cannot resolve" + ("" if verdicts else " (no pair of cells in this grid)")
+        elif all(v == resolved[0] for v in resolved):
+            finding = resolved[0] if len(resolved) == len(verdicts) else f"{resolved[0]} ({len(resolved)} of {len(verdicts)} resolved)"
+        else:
+            n_sup = resolved.count("supports")
+            finding = f"cannot resolve (mixed: {n_sup} support, {len(resolved) - n_sup} contradict)"
+        out.append({"claim": claim, "finding": finding, "evidence": evidence})
+    return out
+
+
+def _pm(row: dict[str, Any], metric: str) -> str:
+    return f"{row[metric]:.1f} ± {row[f'{metric}_std']:.1f}"
 
 
 # --- outputs ----------------------------------------------------------------------------------------------
@@ -307,19 +433,39 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def to_markdown(rows: list[dict[str, Any]]) -> str:
-    head = ["Fusion", "Architecture", "Objectives", "Encoders"] + [c[1] for c in COLUMNS]
+# task metrics shown as mean ± std; the rest as the mean
+SPREAD_COLUMNS = ("vqa_score", "nlvr2_acc", "ir_r@1", "tr_r@1", "ret_avg", "ret_dual_avg", "cider", "bleu4")
+
+
+def to_markdown(rows: list[dict[str, Any]], priors: dict[str, float] | None = None) -> str:
+    """The cell table (mean ± std over seeds) and the findings table."""
+    head = ["Fusion", "Architecture", "Objectives", "Encoders", "Top lr x", "Seeds"] + [c[1] for c in COLUMNS]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["fusion"], r["architecture"], r["objectives"], r["encoders"]]
-        cells += [_fmt(r[k]) if k in r else "—" for k, _ in COLUMNS]
+        cells = [r["fusion"], r["architecture"], r["objectives"], r["encoders"], f"{r['lr_mult_top']:g}", str(r["seeds"])]
+        for k, _ in COLUMNS:
+            if k not in r:
+                cells.append("—")
+            elif k in SPREAD_COLUMNS:
+                cells.append(f"{_fmt(r[k])} ± {_fmt(r[k + '_std'])}")
+            else:
+                cells.append(_fmt(r[k]))
         lines.append("| " + " | ".join(cells) + " |")
+    if priors:
+        lines += ["", "Priors (no input read): " + ", ".join(f"{k} {v:.1f}" for k, v in priors.items())]
+    lines += ["", "| Paper's claim | Finding | Evidence (paper's side vs the other, mean ± std over seeds) |", "|---|---|---|"]
+    for f in findings(rows):
+        lines.append(f"| {f['claim']} | {f['finding']} | {'; '.join(f['evidence']) or '—'} |")
     return "\n".join(lines) + "\n"
 
 
-def write_results(rows: list[dict[str, Any]], cfg: StudyConfig, out: Path) -> None:
-    (out / "results.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=1))
-    (out / "results.md").write_text(to_markdown(rows))
+def write_results(
+    rows: list[dict[str, Any]], cfg: StudyConfig, out: Path, runs: list[dict[str, Any]] | None = None,
+    priors: dict[str, float] | None = None,
+) -> None:
+    payload = {"config": dataclasses.asdict(cfg), "rows": rows, "runs": runs or [], "priors": priors or {}, "findings": findings(rows)}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    (out / "results.md").write_text(to_markdown(rows, priors))
     plot(rows, out / "results.png")
 
 
@@ -331,12 +477,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = [(k, name) for k, name in COLUMNS[:8] if any(k in r for r in rows) and k not in ("ir_r@1", "tr_r@1", "bleu4")]
-    labels = [f"{r['fusion'][:5]}/{r['architecture'][:7]}/{r['objectives']}/{r['encoders']}" for r in rows]
+    labels = [f"{r['fusion'][:5]}/{r['architecture'][:7]}/{r['objectives']}/{r['encoders']}/lr x{r['lr_mult_top']:g}" for r in rows]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 1.2 + 0.28 * len(rows)), squeeze=False)
     colors = ["tab:blue" if r["fusion"] == "co_attention" else "tab:orange" for r in rows]
     for ax, (k, name) in zip(axes[0], metrics):
         vals = [r.get(k, 0.0) for r in rows]
-        ax.barh(range(len(rows)), vals, color=colors)
+        ax.barh(range(len(rows)), vals, xerr=[r.get(f"{k}_std", 0.0) for r in rows], color=colors)
         ax.set_title(name)
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(labels if ax is axes[0][0] else [], fontsize=7)
