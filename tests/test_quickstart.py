@@ -21,7 +21,7 @@ def test_quickstart_fast(tmp_path):
     assert {"data", "vqkd", "pretrain"} <= set(saved["timings_s"])
     assert all(f"{t}/{i}/{part}" in saved["timings_s"] for t in TASKS for i in ("pretrained", "scratch") for part in ("train", "eval"))
     assert {"text_acc", "text_majority", "image_acc", "image_majority"} <= set(saved["pretraining"])
-    assert "captioning_most_frequent_caption" in saved["baselines"]
+    assert "coco_captioning_most_frequent_caption" in saved["baselines"]
     assert "pair_text_shuffled_acc" in saved["pretraining"]
     assert "pair_image_acc" in saved["pretraining"]  # pretraining masks the image of pairs too
     # pretraining learns image-text matching too, and its dual encoder is scored before any fine-tuning

@@ -1,8 +1,9 @@
-"""Downstream: fine-tuning, evaluation with the standard metrics, inference, caption generation, the quickstart."""
+"""Downstream: the task registry, fine-tuning, evaluation with the standard metrics, inference, the quickstart."""
 
 from ..model.generation import GenerationOutput, beam_search, generate, greedy_search
 from ..model.heads import BEiT3ForTextClassification
-from .finetune import FinetuneConfig, evaluate, finetune
+from .evaluation import EvaluateConfig, OtherImages, evaluate
+from .finetune import FinetuneConfig, finetune
 from .losses import captioning_loss, classification_loss, soft_target_cross_entropy, vqa_loss
 from .metrics import (
     accuracy,
@@ -15,29 +16,31 @@ from .metrics import (
     vqa_targets,
     write_vqa_submission,
 )
-from .task_specs import TASKS, TaskSpec, build_dataset, evaluate_model, task_loss
+from .tasks import TASKS, DataSettings, DownstreamTask, EvalSettings, get_task
 
 __all__ = [
     "TASKS",
     "BEiT3ForTextClassification",
+    "DataSettings",
+    "DownstreamTask",
+    "EvalSettings",
+    "EvaluateConfig",
     "FinetuneConfig",
     "GenerationOutput",
-    "TaskSpec",
+    "OtherImages",
     "accuracy",
     "beam_search",
-    "build_dataset",
     "caption_metrics",
     "captioning_loss",
     "classification_loss",
     "evaluate",
-    "evaluate_model",
     "finetune",
     "generate",
+    "get_task",
     "greedy_search",
     "normalize_vqa_answer",
     "retrieval_recall",
     "soft_target_cross_entropy",
-    "task_loss",
     "topk_accuracy",
     "vqa_accuracy",
     "vqa_loss",

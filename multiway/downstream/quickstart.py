@@ -8,7 +8,6 @@ captions, VQA answers and retrieval hits).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import os
 import random
@@ -19,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from ..config import load_yaml
+from ..config import deep_update, from_dict, read_yaml_mapping, save_config, to_dict
+from ..log import get_logger
+
+logger = get_logger(__name__)
 
 # --- settings: every number the quickstart uses, in one place ------------------------------------------------
 
@@ -35,13 +36,17 @@ class TaskPlan:
     lr: float
     batch_size: int = 32
     warmup_steps: int = 20
-    options: dict[str, Any] = field(default_factory=dict)  # further FinetuneConfig fields
+    data_subdir: str = ""  # the task's index files are in this folder of the built-in data
+    max_text_len: int | None = None  # None: QuickstartConfig.max_text_len
+    options: dict[str, Any] = field(default_factory=dict)  # the task's own options (its Options fields)
+    # relative seconds per step (2-core CPU: NLVR2 = 1, 0.1 s/step), to start the longest fine-tunes first
+    step_cost: float = 1.0
 
 
 @dataclass
 class QuickstartConfig:
-    """All quickstart settings. ``QuickstartConfig.preset("full" | "fast")``; ``--config FILE.yaml`` overrides
-    any field (``tasks: {vqav2: {steps: 400}}`` merges into the preset's plan)."""
+    """All quickstart settings. ``QuickstartConfig.preset("full" | "fast")``; ``--config FILE.yaml`` and
+    ``key=value`` overrides change any field (``tasks: {vqav2: {steps: 400}}`` merges into the preset's plan)."""
 
     model: str = "beit3_tiny_patch8_32"
     # torch intra-op threads per process; None: $OMP_NUM_THREADS, else 1. The tiny model's ops are too small to
@@ -79,59 +84,55 @@ class QuickstartConfig:
     text_train_per_class: int | None = 8
     # fine-tuning
     max_text_len: int = 24
-    num_beams: int = 2
-    max_gen_len: int = 16
-    tasks: dict[str, TaskPlan] = field(default_factory=dict)
+    tasks: dict[str, TaskPlan] = field(default_factory=dict)  # official task name -> its plan, in table order
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        from .tasks import TASKS
+
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown quickstart task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+
+    @staticmethod
+    def preset_dict(name: str = "full") -> dict[str, Any]:
+        """The settings of a preset as a mapping (the base that ``--config`` and overrides change)."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown quickstart preset {name!r}; choose from {sorted(PRESETS)}")
+        return copy.deepcopy(PRESETS[name])
 
     @classmethod
     def preset(cls, name: str = "full") -> QuickstartConfig:
-        if name not in PRESETS:
-            raise KeyError(f"unknown quickstart preset {name!r}; choose from {sorted(PRESETS)}")
-        base = copy.deepcopy(PRESETS[name])
-        return cls(**{**base, "tasks": {t: TaskPlan(**p) for t, p in base["tasks"].items()}})
+        return from_dict(cls, cls.preset_dict(name))
 
     def update(self, overrides: dict[str, Any]) -> QuickstartConfig:
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = set(overrides) - names
-        if unknown:
-            raise ValueError(f"unknown quickstart field(s) {sorted(unknown)}; valid: {sorted(names)}")
-        for key, value in overrides.items():
-            if key == "tasks":
-                for task, plan in (value or {}).items():
-                    if task not in self.tasks:
-                        raise ValueError(f"unknown quickstart task {task!r}; valid: {sorted(self.tasks)}")
-                    self.tasks[task] = TaskPlan(**{**dataclasses.asdict(self.tasks[task]), **plan})
-            else:
-                setattr(self, key, value)
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """A new config with ``overrides`` merged in (nested mappings key by key; unknown keys name the valid ones)."""
+        return from_dict(type(self), deep_update(to_dict(self), overrides))
 
 
 # The built-in tokenizer has whole-word pieces: captions, questions and statements fit in 24 tokens.
-_CAPTION_LEN = dict(max_text_len=24, max_gen_len=20)
 _FULL_TASKS: dict[str, dict[str, Any]] = {
-    "imagenet": dict(split="val", steps=500, lr=2e-3, options=dict(imagenet_auto_augment=False)),
+    "imagenet": dict(split="val", steps=500, lr=2e-3, data_subdir="imagenet", options=dict(auto_augment=False), step_cost=0.43),
     # 700 steps: colour questions 32-37% (the models read the image little: 47-49 vs 42-43 beside other pictures);
     # 2000: 68-74% (58 vs 43)
-    "vqav2": dict(split="val", steps=2000, lr=1e-3),
-    "nlvr2": dict(split="test", steps=1600, lr=1e-3),  # 800 steps: 53%, 1600: 62% (with statements about counts too)
+    "vqav2": dict(split="val", steps=2000, lr=1e-3, step_cost=0.62),
+    # 800 steps: 53%, 1600: 62% (with statements about counts too)
+    "nlvr2": dict(split="test", steps=1600, lr=1e-3, step_cost=1.0),
     # a high lr collapses the dual encoder (every [CLS] embedding the same, loss = log(batch)): 3e-3 did at once
-    "coco_retrieval": dict(split="test", steps=350, lr=1e-3, warmup_steps=40, options=dict(_CAPTION_LEN)),
-    "coco_captioning": dict(split="test", steps=600, lr=2e-3, options=dict(mask_prob=0.5, drop_worst_after=10**9, **_CAPTION_LEN)),
-    "text_classification": dict(split="test", steps=400, lr=2e-3),
+    "coco_retrieval": dict(split="test", steps=350, lr=1e-3, warmup_steps=40, step_cost=0.58),
+    "coco_captioning": dict(split="test", steps=600, lr=2e-3, step_cost=0.9,
+                            options=dict(mask_prob=0.5, drop_worst_after=10**9, num_beams=2, max_gen_len=20)),
+    "text_classification": dict(split="test", steps=400, lr=2e-3, step_cost=0.33),
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(tasks=_FULL_TASKS),
     # smoke version for tests: tiny data, a few steps, the same code path
     "fast": dict(num_images=160, num_pairs=60, imagenet_per_class=4, vocab_size=200, vqkd_steps=10, pretrain_steps=6,
                  pretrain_batch=16, pretrain_warmup=2, pretrain_eval_size=32, progress=False, workers=1,
-                 tasks={t: {**p, "steps": 4, "batch_size": 16, "warmup_steps": 1,
-                            "options": {**p.get("options", {}), **({"caption_metrics": ["CIDEr"]} if t == "coco_captioning" else {})}}
-                        for t, p in _FULL_TASKS.items()}),
+                 tasks={t: {**p, "steps": 4, "batch_size": 16, "warmup_steps": 1} for t, p in _FULL_TASKS.items()}),
 }
+# the smoke run scores captions with CIDEr alone (the other COCO metrics start a JVM)
+PRESETS["fast"]["tasks"]["coco_captioning"]["options"] = {**_FULL_TASKS["coco_captioning"]["options"], "caption_metrics": ["CIDEr"]}
 
 
 @dataclass
@@ -188,7 +189,7 @@ def _set_threads(threads: int | None) -> int:
 
 
 def _pretrain_config(cfg: QuickstartConfig, data: Path, out: Path, seed: int):
-    from ..train.loop import TrainConfig
+    from ..train.config import TrainConfig
     from ..train.pretrain import DataConfig, PretrainConfig
 
     b, steps = cfg.pretrain_batch, cfg.pretrain_steps
@@ -213,27 +214,28 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
     from ..tokenizers.text import TextTokenizer
     from ..train import latest_checkpoint
     from ..train.pretrain import ensure_visual_tokenizer, pretrain
-    from .task_specs import TASKS, EvalOptions, OtherImages, build_dataset, chance_level, constant_caption_score, evaluate_model
+    from .evaluation import OtherImages
+    from .tasks import DataSettings, EvalSettings, get_task
 
     if isinstance(config, QuickstartConfig):
         cfg = config
     else:
         cfg = QuickstartConfig.preset("fast" if fast else "full")
         if config is not None:
-            cfg.update(load_yaml(Path(config).read_text()) or {})
+            cfg = cfg.update(read_yaml_mapping(config))
     t0 = time.time()
     threads = _set_threads(cfg.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "quickstart_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    save_config(cfg, out / "quickstart_config.yaml")
     torch.manual_seed(seed)
     random.seed(seed)
     timings: dict[str, float] = {}
 
     def lap(name: str, since: float) -> None:
         timings[name] = round(time.time() - since, 1)
-        print(f"[quickstart] {name}: {timings[name]:.1f} s", flush=True)
+        logger.info("quickstart %s: %.1f s", name, timings[name])
 
     t = time.time()
     data = generate_synthetic_dataset(out / "data", img_size=cfg.img_size, seed=seed, num_images=cfg.num_images,
@@ -245,28 +247,27 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
 
     pcfg = _pretrain_config(cfg, data, out / "pretrain", seed)
     t = time.time()
-    print(f"[quickstart] visual tokenizer (VQ-KD, pixels teacher, {cfg.vqkd_steps} steps)", flush=True)
+    logger.info("quickstart: visual tokenizer (VQ-KD, pixels teacher, %d steps)", cfg.vqkd_steps)
     ensure_visual_tokenizer(pcfg)
     lap("vqkd", t)
     t = time.time()
     itc = " + image-text contrastive on the pairs" if cfg.pretrain_itc_weight > 0 else ""
-    print(f"[quickstart] pretraining {cfg.model} ({cfg.pretrain_steps} steps of masked data modeling on texts, images, pairs{itc})", flush=True)
+    logger.info("quickstart: pretraining %s (%d steps of masked data modeling on texts, images, pairs%s)",
+                cfg.model, cfg.pretrain_steps, itc)
     pre_metrics = pretrain(pcfg)
     pretrained = latest_checkpoint(out / "pretrain") / "model.safetensors"
     lap("pretrain", t)
     pretraining = {k[len("eval/"):]: 100.0 * v for k, v in pre_metrics.items() if k.startswith("eval/")}
     if pretraining:
-        print("[quickstart] held-out masked-token accuracy (majority baseline): " + _pretraining_summary(pretraining), flush=True)
+        logger.info("quickstart: held-out masked-token accuracy (majority baseline): %s", _pretraining_summary(pretraining))
 
     jobs = []
     for task, plan in cfg.tasks.items():
-        task_dir = data / "imagenet" if task == "imagenet" else data  # the class folders have their own index
         for init_name, init in (("pretrained", pretrained), ("scratch", None)):
-            fields = dict(task=task, data_dir=str(task_dir), out_dir=str(out / "runs" / f"{task}_{init_name}"), model=cfg.model,
-                          init=str(init) if init else None, tokenizer=str(spm), batch_size=plan.batch_size,
-                          max_text_len=cfg.max_text_len, eval_split=plan.split, num_beams=cfg.num_beams, max_gen_len=cfg.max_gen_len,
-                          crop_scale=tuple(cfg.crop_scale), hflip=cfg.hflip)
-            fields.update(plan.options)
+            fields = dict(task=task, data_dir=str(data / plan.data_subdir), out_dir=str(out / "runs" / f"{task}_{init_name}"),
+                          model=dict(preset=cfg.model, init=str(init) if init else None), tokenizer=str(spm),
+                          batch_size=plan.batch_size, max_text_len=plan.max_text_len or cfg.max_text_len, eval_split=plan.split,
+                          crop_scale=list(cfg.crop_scale), hflip=cfg.hflip, options=dict(plan.options))
             fields["train"] = dict(max_steps=plan.steps, lr=plan.lr, warmup_steps=plan.warmup_steps, weight_decay=0.01,
                                    log_every=max(1, plan.steps // 30), save_every=0, keep_last=1, seed=seed)
             jobs.append((task, init_name, fields))
@@ -278,67 +279,68 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
     runs: dict[str, dict[str, Path]] = {}
     extra: dict[str, float] = {}
     tok = TextTokenizer(spm)
-    for task, plan in cfg.tasks.items():
-        spec = TASKS[task]
-        task_dir = data / "imagenet" if task == "imagenet" else data
+    notes: list[str] = []
+    for name, plan in cfg.tasks.items():
+        task = get_task(name)(plan.options)
         scores: dict[str, float] = {}
         for init_name in ("pretrained", "scratch"):
-            result, timing = results[(task, init_name)]
-            timings[f"{task}/{init_name}/train"], timings[f"{task}/{init_name}/eval"] = timing["train_s"], timing["eval_s"]
-            scores[init_name] = result[spec.metric]
-            runs.setdefault(task, {})[init_name] = out / "runs" / f"{task}_{init_name}"
-        kwargs: dict[str, Any] = dict(tokenizer=tok, max_len=cfg.max_text_len, img_size=cfg.img_size)
-        train_set = build_dataset(spec, task_dir, "train", **kwargs)
-        if task == "text_classification":
-            kwargs["label_names"] = train_set.label_names
-        test_set = build_dataset(spec, task_dir, plan.split, **kwargs)
-        num_classes = len(train_set.label_names) if task == "text_classification" else None
-        chance = chance_level(spec, train_set, test_set, num_classes)
-        if spec.head == "captioning":
-            extra["captioning_most_frequent_caption"] = constant_caption_score(spec, train_set, test_set)
-        rows.append(Row(task, spec.metric_label, scores.get("pretrained"), scores["scratch"], chance))
-        if spec.head in ("vqav2", "nlvr2"):  # how much of the score comes from reading the image
+            result, timing = results[(name, init_name)]
+            timings[f"{name}/{init_name}/train"], timings[f"{name}/{init_name}/eval"] = timing["train_s"], timing["eval_s"]
+            scores[init_name] = result[task.metric]
+            runs.setdefault(name, {})[init_name] = out / "runs" / f"{name}_{init_name}"
+        data_settings = DataSettings(str(data / plan.data_subdir), tokenizer=tok, max_text_len=cfg.max_text_len, img_size=cfg.img_size)
+        train_set = task.build_dataset("train", data_settings)
+        data_settings.labels = task.label_names(train_set)
+        test_set = task.build_dataset(plan.split, data_settings)
+        rows.append(Row(name, task.metric_label, scores.get("pretrained"), scores["scratch"], task.chance_level(train_set, test_set)))
+        for baseline, value in task.baselines(train_set, test_set).items():
+            extra[f"{name}_{baseline}"] = value
+            notes.append(f"- {name} {task.metric_label} of a trivial predictor, {baseline.replace('_', ' ')}: {value:.1f}")
+        if task.image_blind_check:  # how much of the score comes from reading the image
             for init_name in ("pretrained", "scratch"):
-                model = multiway.create_model(runs[task][init_name] / "model.safetensors")
-                result = evaluate_model(spec, model, OtherImages(test_set), EvalOptions(batch_size=64))
-                extra[f"{task}_{init_name}_other_images"] = result[spec.metric]
-        if spec.head == "retrieval" and cfg.pretrain_itc_weight > 0:  # the pretraining's own dual encoder
-            model = multiway.create_model(f"{cfg.model}_retrieval")
-            multiway.load_checkpoint(model, pretrained)
-            extra[f"{task}_zero_shot"] = evaluate_model(spec, model, test_set, EvalOptions(batch_size=64))[spec.metric]
+                model = multiway.create_model(runs[name][init_name] / "model.safetensors")
+                scored = task.evaluate(model, OtherImages(test_set), EvalSettings(batch_size=64))
+                extra[f"{name}_{init_name}_other_images"] = scored[task.metric]
+            notes.append(f"- {name} {task.metric_label} with each example beside another test example's image(s), i.e. without reading "
+                         f"the image: from pretrained {extra[f'{name}_pretrained_other_images']:.1f}, from scratch "
+                         f"{extra[f'{name}_scratch_other_images']:.1f}")
+        if task.zero_shot_from_pretraining and cfg.pretrain_itc_weight > 0:  # the pretraining's own heads
+            model = task.build_model(cfg.model)
+            task.load_init(model, str(pretrained))
+            extra[f"{name}_zero_shot"] = task.evaluate(model, test_set, EvalSettings(batch_size=64))[task.metric]
+            notes.append(f"- {name} {task.metric_label} with the pretraining's heads, before any fine-tuning: "
+                         f"{extra[f'{name}_zero_shot']:.1f}")
 
     t = time.time()
     plot_loss_curves(runs, out / "loss_curves.png")
-    cap_plan = cfg.tasks["coco_captioning"].options
-    plot_examples(runs, data, tok, out / "examples.png", num_beams=cap_plan.get("num_beams", cfg.num_beams),
-                  max_len=cap_plan.get("max_gen_len", cfg.max_gen_len))
+    plot_examples(runs, data, tok, out / "examples.png")
     lap("plots", t)
     minutes = (time.time() - t0) / 60
     table = format_table(rows)
-    notes = _notes(extra, pretraining, minutes, threads, load)
+    notes = "\n".join([*notes, *_notes(pretraining, minutes, threads, load)])
     print(table + "\n\n" + notes)
-    print(f"[quickstart] done in {minutes:.1f} min; outputs in {out}")
+    logger.info("quickstart done in %.1f min; outputs in %s", minutes, out)
     (out / "results.md").write_text(table + "\n\n" + notes + "\n")
     (out / "results.json").write_text(json.dumps({
         "rows": [r.__dict__ for r in rows], "minutes": minutes, "threads": threads, "load_at_start": load,
-        "timings_s": timings, "pretraining": pretraining, "baselines": extra, "config": cfg.to_dict()}, indent=2))
+        "timings_s": timings, "pretraining": pretraining, "baselines": extra, "config": to_dict(cfg)}, indent=2))
     return rows
 
 
 def _finetune_job(task: str, init_name: str, fields: dict[str, Any], threads: int, progress: bool):
     """One fine-tune + evaluation (runs in a worker process when ``workers`` > 1)."""
     from .finetune import FinetuneConfig, finetune
-    from .task_specs import TASKS
+    from .tasks import get_task
 
     torch.set_num_threads(threads)
     fields = dict(fields)
     fields["train"] = {**fields["train"], "progress": progress}
-    print(f"[quickstart] {task} from {init_name}: fine-tuning {fields['train']['max_steps']} steps", flush=True)
-    result = finetune(FinetuneConfig(**fields), progress=progress)
+    logger.info("quickstart %s from %s: fine-tuning %d steps", task, init_name, fields["train"]["max_steps"])
+    result = finetune(from_dict(FinetuneConfig, fields), progress=progress)
     timing = json.loads((Path(fields["out_dir"]) / "timing.json").read_text())
-    metric = TASKS[task].metric
-    print(f"[quickstart] {task} from {init_name}: {metric} {result[metric]:.1f} "
-          f"(train {timing['train_s']:.0f} s, eval {timing['eval_s']:.0f} s)", flush=True)
+    metric = get_task(task).metric
+    logger.info("quickstart %s from %s: %s %.1f (train %.0f s, eval %.0f s)", task, init_name, metric, result[metric],
+                timing["train_s"], timing["eval_s"])
     return result, timing
 
 
@@ -351,15 +353,11 @@ def _run_finetunes(jobs: list[tuple[str, str, dict[str, Any]]], cfg: QuickstartC
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    cost = lambda job: job[2]["train"]["max_steps"] * _STEP_COST.get(job[0], 1.0)  # noqa: E731
+    cost = lambda job: job[2]["train"]["max_steps"] * cfg.tasks[job[0]].step_cost  # noqa: E731
     ordered = sorted(jobs, key=cost, reverse=True)
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {(t, i): pool.submit(_finetune_job, t, i, f, threads, False) for t, i, f in ordered}
         return {key: fut.result() for key, fut in futures.items()}
-
-
-# relative seconds per step (quickstart on a 2-core CPU: NLVR2 0.1 s/step), to start the longest fine-tunes first
-_STEP_COST = {"imagenet": 0.43, "vqav2": 0.62, "nlvr2": 1.0, "coco_retrieval": 0.58, "coco_captioning": 0.9, "text_classification": 0.33}
 
 
 def _pretraining_summary(pretraining: dict[str, float]) -> str:
@@ -373,23 +371,12 @@ def _pretraining_summary(pretraining: dict[str, float]) -> str:
     return ", ".join(parts)
 
 
-def _notes(extra: dict[str, float], pretraining: dict[str, float], minutes: float, threads: int, load: float) -> str:
+def _notes(pretraining: dict[str, float], minutes: float, threads: int, load: float) -> list[str]:
     lines = []
-    if "captioning_most_frequent_caption" in extra:
-        lines.append(f"- captioning chance: CIDEr of a random training caption per test image; the most frequent training "
-                     f"caption given to every image scores {extra['captioning_most_frequent_caption']:.1f}")
-    if "coco_retrieval_zero_shot" in extra:
-        lines.append(f"- retrieval R@1 with the pretraining's contrastive heads, before any fine-tuning: "
-                     f"{extra['coco_retrieval_zero_shot']:.1f}")
-    for task, label in (("vqav2", "VQA score"), ("nlvr2", "NLVR2 accuracy")):
-        if f"{task}_scratch_other_images" in extra:
-            lines.append(f"- {label} with each example beside another test example's image(s), i.e. without reading the "
-                         f"image: from pretrained {extra[f'{task}_pretrained_other_images']:.1f}, from scratch "
-                         f"{extra[f'{task}_scratch_other_images']:.1f}")
     if pretraining:
         lines.append("- pretraining, held-out masked-token accuracy (majority-class baseline): " + _pretraining_summary(pretraining))
     lines.append(f"- wall time {minutes:.1f} min, {threads} thread(s), load average {load:.1f} at the start")
-    return "\n".join(lines)
+    return lines
 
 
 def format_table(rows: list[Row]) -> str:
@@ -421,9 +408,9 @@ def plot_loss_curves(runs: dict[str, dict[str, Path]], path: Path) -> None:
 
 
 @torch.no_grad()
-def plot_examples(runs: dict[str, dict[str, Path]], data: Path, tok, path: Path, n: int = 6, num_beams: int = 2,
-                  max_len: int = 16) -> None:
-    """A grid of test images with the generated caption, a VQA answer and the top retrieval hit."""
+def plot_examples(runs: dict[str, dict[str, Path]], data: Path, tok, path: Path, n: int = 6) -> None:
+    """A grid of test images with the generated caption (the run's decoding options), a VQA answer and the top
+    retrieval hit."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -435,7 +422,7 @@ def plot_examples(runs: dict[str, dict[str, Path]], data: Path, tok, path: Path,
     best = lambda task: runs[task].get("pretrained", runs[task]["scratch"])  # noqa: E731
     scenes = [json.loads(line) for line in (data / "scenes.test.jsonl").read_text().splitlines()][:n]
     paths = [data / s["image_path"] for s in scenes]
-    cap = P.caption(P.load_predictor(best("coco_captioning"), device="cpu"), paths, num_beams=num_beams, max_len=max_len).rows
+    cap = P.caption(P.load_predictor(best("coco_captioning"), device="cpu"), paths).rows
     vqa_q = "how many shapes are there?"
     vqa = P.answer(P.load_predictor(best("vqav2"), device="cpu"), paths, vqa_q, topk=1).rows
     ret = P.load_predictor(best("coco_retrieval"), device="cpu")

@@ -11,12 +11,31 @@ and add one line to :data:`TASKS` below.
 
 from __future__ import annotations
 
+from .ade20k import ADE20K
 from .base import DataSettings, DownstreamTask, EvalSettings, NoOptions, PredictCommand, TaskTrainer
+from .captioning import CocoCaptioning, NoCaps
+from .coco_detection import CocoDetection, CocoInstanceSegmentation
+from .conll import Conll
 from .imagenet import ImageNet
+from .nlvr2 import NLVR2
+from .retrieval import CocoRetrieval, Flickr30k
+from .text_classification import TextClassification
+from .vqav2 import VQAv2
 
 # official task name -> its class
 TASKS: dict[str, type[DownstreamTask]] = {
     "imagenet": ImageNet,
+    "vqav2": VQAv2,
+    "nlvr2": NLVR2,
+    "coco_retrieval": CocoRetrieval,
+    "flickr30k": Flickr30k,
+    "coco_captioning": CocoCaptioning,
+    "nocaps": NoCaps,
+    "text_classification": TextClassification,
+    "coco_detection": CocoDetection,
+    "coco_instance_segmentation": CocoInstanceSegmentation,
+    "ade20k": ADE20K,
+    "conll": Conll,
 }
 
 

@@ -184,6 +184,17 @@ class DownstreamTask(abc.ABC):
 
         return build_transform("", is_train=False, img_size=img_size)
 
+    def image_transform(self, split: str, data: DataSettings) -> Callable:
+        """The images of ``split``: for ``"train"`` the vision-language training views (RandomResizedCrop of
+        ``data.crop_scale``, flips unless ``data.hflip`` is off, RandAugment with ``data.randaug``), else
+        :meth:`eval_transform`."""
+        from ...data.transforms import build_transform
+
+        if split != "train":
+            return self.eval_transform(data.img_size)
+        return build_transform("", is_train=True, img_size=data.img_size, randaug=data.randaug, crop_scale=data.crop_scale,
+                               hflip=data.hflip)
+
     def num_classes(self, train_set: Dataset) -> int | None:
         """Size C of the head's output read from the training data; None for heads without classes."""
         return None
