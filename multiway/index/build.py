@@ -48,7 +48,7 @@ class IndexConfig:
     kind: Literal["auto", "flat", "ivfpq"] = "auto"  # auto: exact inner product below ivfpq_threshold vectors, IVF-PQ from there on
     ivfpq_threshold: int = 100_000
     nlist: int = 0  # IVF lists (0: about 4 sqrt(N))
-    pq_m: int = 0  # PQ sub-quantizers, a divisor of the embedding dimension (0: D/4)
+    pq_m: int = 0  # PQ sub-quantizers, a divisor of the embedding dimension (0: D/8)
     nprobe: int = 16  # IVF lists visited per query
     device: str | None = None  # cpu / cuda (default: cuda when available)
     progress: bool = True  # a tqdm bar on stderr
@@ -183,14 +183,16 @@ def build_index(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, cfg
             dist.broadcast_object_list(box, src=0)
             model_path = box[0]
         barrier()
-        pred = load_predictor(model_path, tokenizer=cfg.tokenizer, device=dinfo.device)
-        dim = int(pred.model.config.embed_dim)
         conn = connect(out / META_FILE)
+        todo, report.unchanged = _todo(conn, files)
+        mine = todo[dinfo.rank :: dinfo.world_size]
+        known_dim = read_info(conn).get("dim")
+        # an up-to-date index needs no model: re-scanning it only stats the files
+        pred = load_predictor(model_path, tokenizer=cfg.tokenizer, device=dinfo.device) if mine or not known_dim else None
+        dim = int(pred.model.config.embed_dim) if pred is not None else int(known_dim)
         if dinfo.is_main:
             _check_or_write_info(conn, cfg, str(Path(model_path).resolve()) if Path(model_path).exists() else model_path, dim, roots, out)
         barrier()
-        todo, report.unchanged = _todo(conn, files)
-        mine = todo[dinfo.rank :: dinfo.world_size]
         if dinfo.distributed:
             (out / SHARDS_DIR).mkdir(exist_ok=True)
             target = connect(out / SHARDS_DIR / f"rank{dinfo.rank}.sqlite")

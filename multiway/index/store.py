@@ -7,7 +7,7 @@ A folder ``DIR`` holds
   Rows are committed batch by batch, so a killed build keeps every finished batch; the float32 copy is the master
   from which the FAISS index is (re)built and an IVF-PQ index retrained;
 * ``vectors.faiss``: the search structure over the ``ok`` rows, keyed by their row id. Exact inner product
-  (``IndexFlatIP``) by default; IVF-PQ (``IVF{nlist},PQ{m}x{nbits}``, inner product) at or above a size threshold
+  (``IndexFlatIP``) by default; IVF-PQ (``IVF{nlist},PQ{m}x{nbits}``, inner product, m = D/8) at or above a size threshold
   or on request. It is written atomically at the end of a build or add.
 
 Vectors are unit-norm, so inner product is cosine similarity.
@@ -109,17 +109,18 @@ def merge_shard(conn: sqlite3.Connection, shard: Path) -> int:
 
 def _ivfpq_factory(n: int, dim: int, nlist: int = 0, pq_m: int = 0) -> str:
     """The FAISS factory string of an IVF-PQ index for ``n`` vectors of ``dim``: about 4 sqrt(n) lists (at least 39
-    training points each), ``m`` sub-quantizers of 4 dimensions (a divisor of ``dim``), 8-bit codes when there are
-    enough points to train 256 centroids well, fewer bits below that."""
+    training points each), ``m`` sub-quantizers of 8 dimensions (a divisor of ``dim``), 8-bit codes when there are
+    enough points to train 256 centroids well, fewer bits below that. ``np``: no polysemous training (it only serves
+    Hamming-distance filtering, which this index does not use, and costs minutes)."""
     if n < IVFPQ_MIN_VECTORS:
         raise IndexStateError(f"an IVF-PQ index needs at least {IVFPQ_MIN_VECTORS} vectors to train, got {n}; use kind=flat")
     nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
     if not pq_m:
-        pq_m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, dim // 4))
+        pq_m = max(d for d in range(1, dim + 1) if dim % d == 0 and d <= max(1, dim // 8))
     if dim % pq_m:
         raise IndexStateError(f"pq_m={pq_m} must divide the embedding dimension {dim}")
     nbits = int(min(8, max(4, math.floor(math.log2(n / 39)))))
-    return f"IVF{nlist},PQ{pq_m}x{nbits}"
+    return f"IVF{nlist},PQ{pq_m}x{nbits}np"
 
 
 def build_faiss(ids: np.ndarray, vectors: np.ndarray, kind: str = "flat", nlist: int = 0, pq_m: int = 0, nprobe: int = 16):
