@@ -122,7 +122,7 @@ def _runner_configs() -> list[Any]:
     from multiway.model.config import get_config
     from multiway.tokenizers.vqkd import VQKD_PRESETS
     from multiway.tokenizers.vqkd_training import VQKDTrainConfig
-    from multiway.train.loop import TrainConfig
+    from multiway.train.config import TrainConfig
     from multiway.train.pretrain import PretrainConfig
 
     return [
@@ -171,3 +171,26 @@ def test_print_config_prints_the_resolved_yaml_and_exits_0(capsys):
     assert e.value.code == 0
     printed = from_dict(Outer, load_yaml(capsys.readouterr().out))
     assert printed == apply_overrides(Outer(), ["steps=3", "middle.inner.mode=linear"])
+
+
+COMMANDS = {
+    "pretrain": ["pretrain", "--config", "configs/pretrain_tiny.yaml"],
+    "convert": ["convert", "official.pth", "out.safetensors", "--model", "beit3_tiny_patch8_32_retrieval"],
+    "train-visual": ["tokenizer", "train-visual", "images", "--out", "tok.safetensors"],
+    "tokenizer-train": ["tokenizer", "train", "--corpus", "corpus.txt", "--out", "spm"],
+    "synth": ["data", "synth", "--out", "data"],
+    "study": ["study", "meter", "--config", "configs/meter_study_tiny.yaml"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_commands_print_their_config_and_refuse_unknown_keys(name, capsys):
+    from multiway.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([*COMMANDS[name], "--print-config"])
+    assert e.value.code == 0
+    assert isinstance(load_yaml(capsys.readouterr().out), dict)
+    assert main([*COMMANDS[name], "no_such_key=1"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'no_such_key'" in err and "valid keys of" in err

@@ -254,7 +254,7 @@ def test_contrastive_pretraining_learns_to_match_images_and_captions(tiny_data, 
     out = tmp_path / "itc"
     metrics = pretrain(_cfg(root, vq, out, "itc_weight=1.0", "train.max_steps=2", "train.lr=2e-3",  # 2e-3: a float, not a string
                             "train.log_every=1", "train.save_every=2"))
-    from multiway.train.loop import read_metrics
+    from multiway.train.metrics_log import read_metrics
 
     assert all("itc/loss" in r for r in read_metrics(out) if "pair_text/loss" in r)
     assert 0.0 <= metrics["eval/itc_i2t_acc"] <= 1.0 and metrics["eval/itc_chance"] == pytest.approx(1 / 16)

@@ -4,14 +4,37 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
+
+from ..config import add_config_arguments, config_from_args
+
+
+@dataclass
+class SynthConfig:
+    """``multiway data synth``: the built-in shapes data set (see :mod:`multiway.data.shapes`)."""
+
+    out: str = ""  # output folder (--out)
+    num_images: int = 2000  # scenes (captions, retrieval, VQA); split 80/10/10
+    num_pairs: int = 600  # NLVR2 statements; split 80/10/10
+    imagenet_per_class: int = 24  # single-shape images per colour_shape class
+    img_size: int = 64  # image side in pixels
+    vocab_size: int = 500  # SentencePiece pieces of the data set's text tokenizer
+    shard_size: int = 500  # image-caption pairs per webdataset shard
+    seed: int = 0  # the world's seed
+    force: bool = False  # regenerate even if the folder's manifest records the same settings
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ValueError("data synth needs out (--out DIR)")
 
 
 def _synth(args: argparse.Namespace) -> int:
     from multiway.data.shapes import generate_synthetic_dataset
 
-    out = generate_synthetic_dataset(args.out, num_images=args.num_images, img_size=args.img_size, seed=args.seed,
-                                     num_pairs=args.num_pairs, imagenet_per_class=args.imagenet_per_class,
-                                     vocab_size=args.vocab_size, force=args.force)
+    cfg = config_from_args(SynthConfig, args, updates={"out": args.out} if args.out else None)
+    out = generate_synthetic_dataset(cfg.out, num_images=cfg.num_images, img_size=cfg.img_size, seed=cfg.seed,
+                                     num_pairs=cfg.num_pairs, imagenet_per_class=cfg.imagenet_per_class,
+                                     vocab_size=cfg.vocab_size, shard_size=cfg.shard_size, force=cfg.force)
     print(out)
     return 0
 
@@ -55,14 +78,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("synth", help="generate the built-in shapes data set in the official formats")
-    p.add_argument("--out", required=True)
-    p.add_argument("--num-images", type=int, default=2000)
-    p.add_argument("--num-pairs", type=int, default=600)
-    p.add_argument("--imagenet-per-class", type=int, default=24)
-    p.add_argument("--img-size", type=int, default=64)
-    p.add_argument("--vocab-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--force", action="store_true", help="regenerate even if the manifest matches")
+    p.add_argument("--out", default=None, help="output folder (sets out=)")
+    add_config_arguments(p, "a YAML file of SynthConfig keys (num_images, num_pairs, img_size, seed, force ...)")
     p.set_defaults(func=_synth)
 
     idx = sub.add_parser("index", help="build the official jsonl indexes from the raw public files")

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..train.loop import TrainConfig
+from ..train.config import TrainConfig
 from .config import OptimConfig
 
 NO_DECAY_LEAVES = ("bias", "cls_query", "logit_scale", "pos_embed", "cls_token", "position_embeddings")

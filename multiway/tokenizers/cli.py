@@ -4,16 +4,37 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass, field
+from typing import Literal
 
 from ..config import add_config_arguments, config_from_args
+
+
+@dataclass
+class TextTokenizerConfig:
+    """``multiway tokenizer train``: a SentencePiece model on text files (one sentence per line)."""
+
+    corpus: list[str] = field(default_factory=list)  # text files (the positional arguments)
+    out: str = ""  # output prefix: writes <out>.model and <out>.vocab (--out)
+    vocab_size: int = 8000  # pieces
+    model_type: Literal["unigram", "bpe", "char", "word"] = "unigram"  # the SentencePiece algorithm
+    character_coverage: float = 0.9995  # fraction of characters covered by the vocabulary
+    hard_vocab_limit: bool = True  # False: allow fewer pieces than vocab_size on a small corpus
+    seed: int = 0  # SentencePiece's sampling seed
+
+    def __post_init__(self) -> None:
+        if not self.corpus or not self.out:
+            raise ValueError("tokenizer train needs text files and out (multiway tokenizer train corpus.txt --out my)")
 
 
 def _train_text(args: argparse.Namespace) -> int:
     from multiway.tokenizers.text import train_text_tokenizer
 
-    path = train_text_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size, model_type=args.model_type,
-                                character_coverage=args.character_coverage, seed=args.seed,
-                                hard_vocab_limit=not args.soft_vocab_limit)
+    updates = {k: v for k, v in (("corpus", args.corpus or None), ("out", args.out)) if v is not None}
+    cfg = config_from_args(TextTokenizerConfig, args, updates=updates)
+    path = train_text_tokenizer(cfg.corpus, cfg.out, vocab_size=cfg.vocab_size, model_type=cfg.model_type,
+                                character_coverage=cfg.character_coverage, seed=cfg.seed,
+                                hard_vocab_limit=cfg.hard_vocab_limit)
     print(path)
     return 0
 
@@ -40,13 +61,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     sub = tok.add_subparsers(dest="tokenizer_command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("train", help="train a SentencePiece model on text files (one sentence per line)")
-    p.add_argument("corpus", nargs="+", help="text files")
-    p.add_argument("--out", required=True, help="output prefix; writes <out>.model and <out>.vocab")
-    p.add_argument("--vocab-size", type=int, default=8000)
-    p.add_argument("--model-type", default="unigram", choices=["unigram", "bpe", "char", "word"])
-    p.add_argument("--character-coverage", type=float, default=0.9995)
-    p.add_argument("--soft-vocab-limit", action="store_true", help="allow fewer pieces than --vocab-size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--corpus", nargs="+", default=None, help="text files, one sentence per line (sets corpus=)")
+    p.add_argument("--out", default=None, help="output prefix; writes <out>.model and <out>.vocab (sets out=)")
+    add_config_arguments(p, "a YAML file of TextTokenizerConfig keys (vocab_size, model_type, hard_vocab_limit ...)")
     p.set_defaults(func=_train_text)
 
     p = sub.add_parser(

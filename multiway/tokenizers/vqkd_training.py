@@ -26,7 +26,10 @@ import torch.nn.functional as F
 
 from ..config import check_keys, from_dict, to_dict
 from ..constants import INDEX_FILES
-from ..train.loop import MapDatasetTask, TrainConfig, latest_checkpoint, train
+from ..train.checkpointing import latest_checkpoint
+from ..train.config import TrainConfig
+from ..train.loop import train
+from ..train.task import MapDatasetTask
 from .teachers import build_teacher
 from .vqkd import VQKD, VQKDConfig, load_vqkd, save_vqkd, vqkd_config
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .loop import read_metrics
+from .metrics_log import read_metrics
 
 
 def _series(rows: list[dict[str, float]], key: str) -> tuple[list[float], list[float]]:

@@ -33,8 +33,10 @@ from torch import Tensor, nn
 
 from ..config import check_literals, from_dict, load_config, to_dict
 from ..log import get_logger
-from .loop import TrainConfig, _mix, train
+from .config import TrainConfig
+from .loop import train
 from .objectives import masked_accuracy_counts, mdm_loss, pair_contrastive_loss
+from .rng import mix_seeds
 
 logger = get_logger(__name__)
 
@@ -193,7 +195,8 @@ class PretrainTask:
 
         d = self.cfg.data
         src = _resolve(self.root, getattr(d, name))
-        common = dict(rank=rank, world_size=world_size, shuffle=True, seed=_mix(seed, 7, len(name)) % 2**31, repeat=True, on_error="skip")
+        common = dict(rank=rank, world_size=world_size, shuffle=True, seed=mix_seeds(seed, 7, len(name)) % 2**31, repeat=True,
+                      on_error="skip")
         if name == "text":
             return TextStream(src, self.tok, max_len=d.text_max_len, **common)
         if name == "image":
@@ -251,10 +254,10 @@ class PretrainTask:
                 batch_size=bs,
                 collate_fn=list,
                 num_workers=self.cfg.data.num_workers,
-                generator=torch.Generator().manual_seed(_mix(seed, rank, len(name), 3)),
+                generator=torch.Generator().manual_seed(mix_seeds(seed, rank, len(name), 3)),
                 persistent_workers=self.cfg.data.num_workers > 0,
             )
-            loaders[name] = _PrivateRNG(iter(loader), _mix(seed, rank, len(name), 4))
+            loaders[name] = _PrivateRNG(iter(loader), mix_seeds(seed, rank, len(name), 4))
         if not loaders:
             raise ValueError("pretraining: every stream is disabled (batch sizes 0 or sources None)")
         step = 0
@@ -263,7 +266,7 @@ class PretrainTask:
             for name, it in loaders.items():
                 samples = next(it)
                 if step >= start_step:
-                    batch[name] = self.collate(name, samples, _mix(seed, rank, len(name), step))
+                    batch[name] = self.collate(name, samples, mix_seeds(seed, rank, len(name), step))
             if step >= start_step:
                 batch["num_samples"] = sum(len(s.get("text_ids", s.get("image"))) for s in batch.values() if isinstance(s, dict))
                 yield batch
@@ -313,7 +316,7 @@ class PretrainTask:
                 b = {}
                 for name in ("text", "image", "pair"):
                     if self.cfg.batch.get(name, 0) > 0:
-                        b[name] = self.collate(name, chunk, _mix(12345, i, len(name)))
+                        b[name] = self.collate(name, chunk, mix_seeds(12345, i, len(name)))
                 batches.append(b)
             self._eval_batches = batches
         return [{k: {n: t.to(device) for n, t in v.items()} for k, v in b.items()} for b in self._eval_batches]
