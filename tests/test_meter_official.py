@@ -1,9 +1,9 @@
 """METER's released checkpoint layout loads into multiway.meter and gives the official code's numbers.
 
-The fixture (tests/fixtures/meter_reference/, made by tests/fixtures/make_meter_reference.py with the official
-zdou0830/METER modules in a separate environment) is a tiny random CLIP-ViT + RoBERTa METER with every head,
-saved as a Lightning-style ``.ckpt``, plus the official ``infer`` / ``compute_*`` outputs at 64 px and, through
-METER's own ``adapt_position_encoding``, at 80 px.
+The fixtures (tests/fixtures/meter_reference/, made by tests/fixtures/make_meter_reference.py with the official
+zdou0830/METER modules in a separate environment) are tiny random CLIP-ViT + RoBERTa and Swin + RoBERTa METERs
+with every head, saved as Lightning-style ``.ckpt`` files, plus the official ``infer`` / ``compute_*`` outputs (CLIP
+at 64 px and, through METER's own ``adapt_position_encoding``, at 80 px; Swin at 64 px).
 """
 
 from __future__ import annotations
@@ -70,6 +70,25 @@ def test_infer_and_every_head_match_the_official_code(reference, size):
         torch.testing.assert_close(nlvr2(img, img2, ids, pad), want["nlvr2_logits"], **TOL)
         torch.testing.assert_close(snli(img, ids, pad), want["snli_logits"], **TOL)
         torch.testing.assert_close(ret(img, ids, pad), want["rank_scores"], **TOL)
+
+
+def test_swin_checkpoint_matches_the_official_code():
+    """METER's own Swin module (original key layout, downsampling at the end of a stage, fused-mean image pooling)."""
+    ref = torch.load(REF / "outputs_swin.pt", weights_only=True)
+    b, want = ref["batch"], ref["outputs"]
+    img, img2, ids, pad = b["image"][0], b["false_image_0"][0], b["text_ids"], (b["text_masks"] == 0).long()
+    path = REF / "swin_roberta.ckpt"
+    with torch.no_grad():
+        pre = from_official(path, "pretraining").eval()
+        assert pre.meter.config.image_pooling == "fused_mean" and pre.meter.num_image_prefix == 0
+        out = pre.meter.encode(img, ids, pad)
+        torch.testing.assert_close(out.text, want["infer.text_feats"], **TOL)
+        torch.testing.assert_close(out.image, want["infer.image_feats"], **TOL)
+        torch.testing.assert_close(pre.meter.features(out), want["infer.cls_feats"], **TOL)
+        torch.testing.assert_close(pre.mlm_head(pre.meter.encode(img, b["text_ids_mlm"], pad).text), want["mlm_logits"], **TOL)
+        torch.testing.assert_close(from_official(path, "vqa").eval()(img, ids, pad), want["vqa_logits"], **TOL)
+        torch.testing.assert_close(from_official(path, "nlvr2").eval()(img, img2, ids, pad), want["nlvr2_logits"], **TOL)
+        torch.testing.assert_close(from_official(path, "retrieval").eval()(img, ids, pad), want["rank_scores"], **TOL)
 
 
 def test_config_read_from_the_checkpoint():

@@ -248,7 +248,11 @@ def meter_config_from_official(
         depths = tuple(_count(state, rf"vit_model\.layers\.{i}\.blocks\.(\d+)\.") for i in range(stages))
         swin_heads = tuple(state[f"vit_model.layers.{i}.blocks.0.attn.relative_position_bias_table"].shape[1] for i in range(len(depths)))
         side = round(state["vit_model.layers.0.blocks.0.attn.relative_position_bias_table"].shape[0] ** 0.5)
-        name = str(hp.get("vit", "swin_base_patch4_window12_384"))
+        import timm
+
+        # METER names its Swin by timm's names; the sizes come from the tensors, so any Swin name builds it
+        name = str(hp.get("vit", ""))
+        name = name if name.startswith("swin_") and timm.is_model(name) else "swin_base_patch4_window12_384"
         vision = VisionEncoderConfig(
             "timm", name, img_size=image_size or int(hp.get("image_size", 384)),
             kwargs=dict(
