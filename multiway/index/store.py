@@ -44,7 +44,7 @@ CREATE TABLE IF NOT EXISTS images (
 """
 
 
-class IndexStateError(RuntimeError):
+class IndexStateError(ValueError):
     """An index folder that is missing, incomplete or inconsistent (the message says which and what to run)."""
 
 
