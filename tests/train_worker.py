@@ -1,7 +1,8 @@
 """Worker for the training-loop tests: a tiny MDM run on synthetic data, launched directly or with torchrun.
 
-Usage: python tests/train_worker.py '<json TrainConfig overrides + "batch_size", "nan_at", "drop_path", "itc">'
-("itc": true adds the image-text contrastive loss, negatives gathered across ranks.)
+Usage: python tests/train_worker.py '<json TrainConfig overrides + "batch_size", "nan_at", "drop_path", "itc", "kill_in_save_at">'
+("itc": true adds the image-text contrastive loss, negatives gathered across ranks; "kill_in_save_at": k makes the
+process SIGKILL itself halfway through writing the state.pt of step k's checkpoint.)
 """
 
 from __future__ import annotations
@@ -55,12 +56,38 @@ def collate(items: list[dict]) -> dict:
     }
 
 
+def _kill_while_saving(folder: str) -> None:
+    """Make torch.save, when it writes ``state.pt`` inside ``folder``, write half of its bytes and SIGKILL the process."""
+    import io
+    import os
+    import signal
+
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        path = str(f)
+        if folder in path and "state.pt" in path:
+            buf = io.BytesIO()
+            real_save(obj, buf, *args, **kwargs)
+            with open(path, "wb") as out:
+                out.write(buf.getvalue()[: len(buf.getvalue()) // 2])
+                out.flush()
+                os.fsync(out.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+
+
 def main() -> None:
     args = json.loads(sys.argv[1])
     batch_size = args.pop("batch_size", 4)
     nan_at = set(args.pop("nan_at", []))
     drop_path = args.pop("drop_path", 0.0)
     itc = args.pop("itc", False)
+    kill_at = args.pop("kill_in_save_at", None)
+    if kill_at is not None:
+        _kill_while_saving(f".tmp_step_{kill_at:08d}")
     torch.manual_seed(0)
     model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=CODEBOOK, drop_path_rate=drop_path, contrastive=itc)
 
