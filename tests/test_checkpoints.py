@@ -111,7 +111,8 @@ def test_vision_positions_are_interpolated_to_a_new_image_size():
 def test_wrong_shapes_missing_and_unexpected_keys_are_listed():
     _, sd, _, _ = golden_model("nlvr2")
     wide = multiway.create_model("beit3_base_patch16_224_nlvr2", **{**GOLDEN_CONFIG, "embed_dim": 32})
-    with pytest.raises(CheckpointError, match=r"mismatched shapes \(79\): .*embed_positions.B.weight: checkpoint \(64, 64\) vs model \(64, 32\)") as err:
+    mismatch = r"mismatched shapes \(79\): .*embed_positions.B.weight: checkpoint \(64, 64\) vs model \(64, 32\)"
+    with pytest.raises(CheckpointError, match=mismatch) as err:
         multiway.load_checkpoint(wide, sd)
     assert "missing" not in str(err.value)
     deep = multiway.create_model("beit3_base_patch16_224_nlvr2", **{**GOLDEN_CONFIG, "depth": 3})

@@ -212,7 +212,8 @@ def test_contrastive_pretraining_matches_the_retrieval_model_and_hands_it_the_he
         assert torch.equal(image_to_text, sim.argmax(1) == torch.arange(len(text)))
         assert torch.equal(text_to_image, sim.argmax(0) == torch.arange(len(text)))
         # the loss is the CLIP loss of those features (not of the masked text)
-        masked_loss, _, _ = contrastive_loss(image_feats, model.encode_text(pair["text_ids"], pair["padding_mask"]), model.logit_scale.exp())
+        masked_text_feats = model.encode_text(pair["text_ids"], pair["padding_mask"])
+        masked_loss, _, _ = contrastive_loss(image_feats, masked_text_feats, model.logit_scale.exp())
         assert masked_loss.item() != pytest.approx(itc.item(), rel=1e-4)
     # the task loss adds itc_weight * ITC to masked data modeling, and logs it
     model.train()

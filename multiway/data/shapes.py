@@ -305,18 +305,14 @@ def statement_pair(rng: random.Random, want: bool, split: str) -> tuple[Scene, S
         kind = rng.randrange(4)
         c = rng.choice(list(COLOURS))
         side = rng.choice(("left", "right"))
-        has = lambda sc: any(o.colour == c for o in sc.objects)  # noqa: E731
-        if kind == 0:
-            text, truth = f"the {side} image contains a {c} shape", lambda l, r: has(l if side == "left" else r)
-        elif kind == 1:
-            text, truth = f"both images contain a {c} shape", lambda l, r: has(l) and has(r)
-        elif kind == 2:
-            text, truth = f"exactly one image has a {c} shape", lambda l, r: has(l) != has(r)
-        else:
-            text, truth = f"neither image has a {c} shape", lambda l, r: not (has(l) or has(r))
+        text = (f"the {side} image contains a {c} shape", f"both images contain a {c} shape",
+                f"exactly one image has a {c} shape", f"neither image has a {c} shape")[kind]
         for _ in range(100):
             left, right = sample_scene(rng, split), sample_scene(rng, split)
-            if truth(left, right) == want:
+            in_left, in_right = (any(o.colour == c for o in scene.objects) for scene in (left, right))
+            truth = (in_left if side == "left" else in_right, in_left and in_right, in_left != in_right,
+                     not (in_left or in_right))[kind]
+            if truth == want:
                 return left, right, text
     return None
 
