@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "multiway.export.cli",
     "multiway.index.cli",
     "multiway.serve.cli",
+    "multiway.planning.cli",
 )
 
 
