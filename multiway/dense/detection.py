@@ -24,6 +24,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign, box_iou
 
+from ..constants import VL_MEAN, VL_STD
 from ..model.multiway import MultiwayTransformer
 from .pyramid import LEVELS, DenseBackbone
 
@@ -74,16 +75,13 @@ class Detector(nn.Module):
     1..num_classes (0 is the background).
     """
 
-    def __init__(self, detector: FasterRCNN, soft_nms: bool, detections_per_img: int, soft_nms_sigma: float = 0.5):
+    def __init__(self, beit3: MultiwayTransformer, detector: FasterRCNN, soft_nms: bool, detections_per_img: int,
+                 soft_nms_sigma: float = 0.5):
         super().__init__()
+        self.beit3 = beit3  # official key layout (beit3.*): checkpoints load as into any task model
+        self.config = beit3.config  # depth, for layer-wise lr decay
         self.detector = detector
         self.soft_nms, self.soft_nms_sigma, self.detections_per_img = soft_nms, soft_nms_sigma, detections_per_img
-        self.config = detector.backbone.config  # depth, for layer-wise lr decay
-        self.backbone_prefix = "detector.backbone.beit3."
-
-    @property
-    def beit3(self) -> MultiwayTransformer:
-        return self.detector.backbone.beit3
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> Any:
         out = self.detector(images, targets)
@@ -100,7 +98,7 @@ class Detector(nn.Module):
 
 def build_detector(beit3: MultiwayTransformer, num_classes: int, masks: bool = True, pyramid: Literal["vitdet", "beit"] = "vitdet",
                    out_channels: int = 256, min_size: int = 1024, max_size: int = 1024,
-                   image_mean: tuple[float, ...] = (0.5, 0.5, 0.5), image_std: tuple[float, ...] = (0.5, 0.5, 0.5),
+                   image_mean: tuple[float, ...] = VL_MEAN, image_std: tuple[float, ...] = VL_STD,
                    soft_nms: bool = False, detections_per_img: int = 100, box_head_width: int = 1024, mask_head_width: int = 256,
                    **detector_kwargs: Any) -> Detector:
     """Mask R-CNN (``masks=True``) or Faster R-CNN from torchvision on the multiway backbone plus a pyramid.
@@ -120,7 +118,7 @@ def build_detector(beit3: MultiwayTransformer, num_classes: int, masks: bool = T
     """
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes}: a detector needs at least one object class")
-    backbone = DenseBackbone(beit3, pyramid, out_channels)
+    backbone = DenseBackbone(beit3, pyramid, out_channels, own_backbone=False)
     anchors = AnchorGenerator(anchor_sizes(beit3.config.patch_size), ((0.5, 1.0, 2.0),) * 5)
     box_pool = MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2)
     kwargs = dict(min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
@@ -136,7 +134,7 @@ def build_detector(beit3: MultiwayTransformer, num_classes: int, masks: bool = T
                             mask_predictor=MaskRCNNPredictor(mask_head_width, mask_head_width, num_classes + 1), **kwargs)
     else:
         detector = FasterRCNN(backbone, None, **kwargs)
-    return Detector(detector, soft_nms, detections_per_img)
+    return Detector(beit3, detector, soft_nms, detections_per_img)
 
 
 def large_scale_jitter(size: int, scale_range: tuple[float, float] = (0.1, 2.0), hflip: bool = True):

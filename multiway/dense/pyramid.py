@@ -107,13 +107,19 @@ class DenseBackbone(nn.Module):
         out_channels: width of the output maps; for ``"beit"`` a torchvision ``FeaturePyramidNetwork`` maps the
             D-channel maps to it and adds p6 (0 keeps D channels and p2..p5 only, as UperNet takes them).
         taps: the BEiT recipe's blocks (default :func:`default_taps`).
+        own_backbone: register ``beit3`` as a submodule (``beit3.*`` keys). A task model that already holds it
+            as ``model.beit3`` (the official key layout) passes False, so its parameters are listed once.
     """
 
     def __init__(self, beit3: MultiwayTransformer, pyramid: Literal["vitdet", "beit"] = "vitdet", out_channels: int = 256,
-                 taps: tuple[int, ...] | None = None):
+                 taps: tuple[int, ...] | None = None, own_backbone: bool = True):
         super().__init__()
         dim = beit3.config.embed_dim
-        self.beit3, self.kind = beit3, pyramid
+        if own_backbone:
+            self.beit3 = beit3
+        else:
+            self._shared = (beit3,)  # a tuple hides it from nn.Module registration; the owner moves/saves it
+        self.kind = pyramid
         self.config = beit3.config  # depth for layer-wise lr decay
         if pyramid == "vitdet":
             if out_channels <= 0:
@@ -133,14 +139,18 @@ class DenseBackbone(nn.Module):
             raise ValueError(f"pyramid={pyramid!r}: expected 'vitdet' or 'beit'")
 
     @property
+    def backbone(self) -> MultiwayTransformer:
+        return self.beit3 if "beit3" in self._modules else self._shared[0]
+
+    @property
     def stride(self) -> int:
         """Stride of the coarsest level p5 relative to the input: inputs are padded to a multiple of it."""
-        return 2 * self.beit3.config.patch_size
+        return 2 * self.backbone.config.patch_size
 
     def forward(self, images: Tensor) -> OrderedDict[str, Tensor]:
         """images: (B, 3, H, W), H and W multiples of the patch size -> maps p2..p5 (p6), strides p/4 .. 2p (4p)."""
         blocks = sorted(set(self.taps))  # shallow models may tap one block twice
-        maps = self.beit3.forward_intermediates(images, indices=blocks, stop_early=True, intermediates_only=True)
+        maps = self.backbone.forward_intermediates(images, indices=blocks, stop_early=True, intermediates_only=True)
         if self.kind == "vitdet":
             return self.pyramid(maps[-1])
         pyramid = self.pyramid([maps[blocks.index(t)] for t in self.taps])

@@ -53,19 +53,15 @@ class UperNetSegmenter(nn.Module):
 
         if num_classes < 1:
             raise ValueError(f"num_classes={num_classes}: expected at least one class")
-        self.backbone = DenseBackbone(beit3, "beit", out_channels=0, taps=taps)
+        self.beit3 = beit3  # official key layout (beit3.*)
         self.config = beit3.config  # depth, for layer-wise lr decay
-        self.backbone_prefix = "backbone.beit3."
+        self.backbone = DenseBackbone(beit3, "beit", out_channels=0, taps=taps, own_backbone=False)
         head_config = UperNetConfig(num_labels=num_classes, hidden_size=channels, pool_scales=(1, 2, 3, 6),
                                     auxiliary_channels=aux_channels, auxiliary_num_convs=1, auxiliary_concat_input=False)
         widths = [self.backbone.out_channels] * 4
         self.decode_head = UperNetHead(head_config, in_channels=widths)
         self.auxiliary_head = UperNetFCNHead(head_config, in_channels=widths, in_index=2)
         self.num_classes, self.aux_weight = num_classes, aux_weight
-
-    @property
-    def beit3(self) -> MultiwayTransformer:
-        return self.backbone.beit3
 
     def forward(self, image: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         maps = list(self.backbone(image).values())
@@ -80,12 +76,13 @@ class UperNetSegmenter(nn.Module):
 
 
 @torch.no_grad()
-def slide_inference(model: nn.Module, image: Tensor, num_classes: int, crop: int, stride: int) -> Tensor:
+def slide_inference(model: nn.Module, image: Tensor, num_classes: int, crop: int, stride: int, max_windows: int = 16) -> Tensor:
     """Class scores of a large image from overlapping ``crop`` x ``crop`` windows ``stride`` apart (mmseg's "slide").
 
     The last window in each direction is moved back to end at the border; the softmax scores of overlapping windows
     are averaged. An image smaller than the crop is padded (bottom/right) and the padding cropped from the result.
-    image (B, 3, H, W) -> scores (B, K, H, W). ``model(crops)`` returns ``(logits, _)`` for crops (b, 3, crop, crop).
+    image (B, 3, H, W) -> scores (B, K, H, W). ``model(crops)`` returns ``(logits, _)`` for crops (b, 3, crop, crop);
+    up to ``max_windows`` windows (of every image) go through one forward.
     """
     if stride <= 0 or crop <= 0:
         raise ValueError(f"crop={crop} and stride={stride} must be positive")
@@ -97,11 +94,13 @@ def slide_inference(model: nn.Module, image: Tensor, num_classes: int, crop: int
     counts = image.new_zeros(1, 1, full_h, full_w)
     rows = max(math.ceil((full_h - crop) / stride), 0) + 1
     cols = max(math.ceil((full_w - crop) / stride), 0) + 1
-    for r in range(rows):
-        for c in range(cols):
-            top, left = min(r * stride, full_h - crop), min(c * stride, full_w - crop)
-            logits, _ = model(padded[:, :, top : top + crop, left : left + crop])
-            scores[:, :, top : top + crop, left : left + crop] += logits.float().softmax(1)
+    corners = [(min(r * stride, full_h - crop), min(c * stride, full_w - crop)) for r in range(rows) for c in range(cols)]
+    for start in range(0, len(corners), max_windows):  # several windows per forward
+        chunk = corners[start : start + max_windows]
+        crops = torch.cat([padded[:, :, top : top + crop, left : left + crop] for top, left in chunk])
+        probs = model(crops)[0].float().softmax(1).view(len(chunk), batch, num_classes, crop, crop)
+        for (top, left), p in zip(chunk, probs):
+            scores[:, :, top : top + crop, left : left + crop] += p
             counts[:, :, top : top + crop, left : left + crop] += 1
     return (scores / counts)[:, :, :height, :width]
 

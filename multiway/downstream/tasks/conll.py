@@ -1,0 +1,114 @@
+"""Sequence labelling (NER, chunking) on CoNLL-format files through the language encoder; seqeval entity F1."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from ...dense.data import ConllDataset, word_predictions
+from ...dense.metrics import entity_f1
+from .base import DataSettings, DownstreamTask, EvalSettings
+
+
+@dataclass
+class ConllOptions:
+    """CoNLL settings: which column holds the tags (-1: the last, CoNLL-2003's NER; 2 for its chunks)."""
+
+    tag_column: int = -1
+    dropout: float = 0.1
+    train_sentences: int = 0  # use only the first N training sentences (0: all); few-shot runs
+
+
+class _Subset(Dataset):
+    def __init__(self, base: ConllDataset, count: int):
+        self.base, self.count = base, min(count, len(base))
+        self.tag_names, self.errors = base.tag_names, base.errors
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.base[index]
+
+
+class Conll(DownstreamTask):
+    """Token classification: each word's tag on its first subword (the others and the specials ignored), cross-
+    entropy; entity F1 (seqeval, conlleval's matching) over words. Tags are the training split's, saved in task.json."""
+
+    name = "conll"
+    head = "tokenclassification"
+    metric, metric_label = "f1", "entity F1"
+    splits = {"train": ("eng.train", "conll/train.txt", "train.txt"), "val": ("eng.testa", "conll/val.txt", "val.txt"),
+              "test": ("eng.testb", "conll/test.txt", "test.txt")}
+    Options = ConllOptions
+    recipe = "finetune_conll_base.yaml"
+    find_unused_parameters = True  # the vision experts get no gradient
+
+    def build_dataset(self, split: str, data: DataSettings) -> Dataset:
+        found = [Path(data.data_dir) / f for f in self.index_files(split) if (Path(data.data_dir) / f).is_file()]
+        if not found:
+            raise FileNotFoundError(f"conll {split}: none of {list(self.index_files(split))} found in {data.data_dir}")
+        if data.tokenizer is None:
+            raise ValueError("conll needs a text tokenizer (--tokenizer)")
+        dataset = ConllDataset(found[0], data.tokenizer, data.labels, self.options.tag_column, data.max_text_len, data.on_error)
+        if split == "train" and self.options.train_sentences:
+            return _Subset(dataset, self.options.train_sentences)
+        return dataset
+
+    def collate(self, items):
+        batch = {k: torch.stack([i[k] for i in items]) for k in ("language_tokens", "padding_mask", "labels", "word_of")}
+        batch["num_words"] = [i["num_words"] for i in items]
+        batch["batch_size"] = len(items)
+        return batch
+
+    def num_classes(self, train_set: Dataset) -> int:
+        return len(train_set.tag_names)
+
+    def label_names(self, train_set: Dataset) -> list[str]:
+        return list(train_set.tag_names)
+
+    def build_model(self, source: Any, num_classes: int | None = None) -> nn.Module:
+        import multiway
+
+        overrides = {"preset": source} if isinstance(source, str) else dict(source)
+        preset = overrides.pop("preset")
+        return multiway.create_model(f"{preset}_{self.head}", num_classes=num_classes or 9, dropout=self.options.dropout, **overrides)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        logits, loss = model(batch["language_tokens"], batch["padding_mask"], batch["labels"])
+        scored = batch["labels"] != -100
+        acc = (logits.detach().argmax(-1)[scored] == batch["labels"][scored]).float().mean()
+        return loss, {"tag_acc": float(acc)}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
+        settings = settings or EvalSettings()
+        was_training = model.training
+        model.eval()
+        names = dataset.tag_names
+        predicted = []
+        try:
+            for batch in self.device_batches(model, dataset, settings):
+                logits, _ = model(batch["language_tokens"], batch["padding_mask"])
+                predicted += word_predictions(logits.cpu(), batch["word_of"].cpu(), batch["num_words"], names)
+        finally:
+            model.train(was_training)
+        true = [tags for _, tags in dataset.sentences]
+        return entity_f1(true, predicted)
+
+    def chance_level(self, train_set: Dataset, test_set: Dataset) -> float:
+        """Entity F1 of tags drawn at random with the training split's tag frequencies."""
+        rng = random.Random(0)
+        sentences = train_set.base.sentences[: len(train_set)] if isinstance(train_set, _Subset) else train_set.sentences
+        pool = [t for _, tags in sentences for t in tags]
+        true = [tags for _, tags in test_set.sentences]
+        return entity_f1(true, [[rng.choice(pool) for _ in tags] for tags in true])["f1"]
+
+
+__all__ = ["Conll", "ConllOptions"]
