@@ -324,6 +324,7 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
     (out / "results.md").write_text(table + "\n\n" + notes + "\n")
     (out / "results.json").write_text(json.dumps({
         "rows": [r.__dict__ for r in rows], "minutes": minutes, "threads": threads, "load_at_start": load,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "timings_s": timings, "pretraining": pretraining, "baselines": extra, "config": to_dict(cfg)}, indent=2))
     return rows
 
@@ -376,7 +377,10 @@ def _notes(pretraining: dict[str, float], minutes: float, threads: int, load: fl
     lines = []
     if pretraining:
         lines.append("- pretraining, held-out masked-token accuracy (majority-class baseline): " + _pretraining_summary(pretraining))
-    lines.append(f"- wall time {minutes:.1f} min, {threads} thread(s), load average {load:.1f} at the start")
+    # Kernels for another instruction set (AVX2 vs AVX-512) round differently in the last bits, which hundreds of
+    # steps grow into different scores: tables are comparable digit for digit only on the same capability.
+    lines.append(f"- wall time {minutes:.1f} min, {threads} thread(s), CPU kernels {torch.backends.cpu.get_cpu_capability()}, "
+                 f"load average {load:.1f} at the start")
     return lines
 
 
