@@ -3,6 +3,8 @@
 >>> import multiway
 >>> model = multiway.create_model("beit3_base_patch16_480_vqav2")
 >>> multiway.load_checkpoint(model, "beit3_base_patch16_480_vqa.pth")
+>>> model, processor = multiway.load("vqa.safetensors")      # tokenizer, preprocessing and answers from the file
+>>> processor.predict(images=["photo.jpg"], text="what color is it?").rows
 """
 
 from .model import (
@@ -20,6 +22,7 @@ from .model import (
     save_pretrained,
 )
 from .model.config import PRESETS, MultiwayConfig, get_config
+from .processing import Processor, load
 
 __version__ = "0.1.0"
 
@@ -34,9 +37,11 @@ __all__ = [
     "KVCache",
     "MultiwayConfig",
     "MultiwayTransformer",
+    "Processor",
     "create_model",
     "get_config",
     "list_models",
+    "load",
     "load_checkpoint",
     "save_pretrained",
 ]

@@ -50,13 +50,15 @@ def test_vqa_classify_nlvr2(folder):
 def test_embed_and_search_both_directions(folder, tmp_path):
     images, spm = folder
     pred = _pred("retrieval", spm)
-    index, errors = P.build_index(pred, [images])
+    built = P.build_index(pred, [images])
+    index, errors = built.output, built.errors
+    assert [r["path"] for r in built.rows] == index.paths
     assert index.embeddings.shape == (4, 64) and len(errors) == 1
     np.testing.assert_allclose(np.linalg.norm(index.embeddings, axis=1), 1, atol=1e-5)
     path = index.save(tmp_path / "idx")
     again = P.SearchIndex.load(path)
     assert again.paths == index.paths
-    hits = P.search_text(pred, again, "a red square", k=3)
+    hits = P.search_text(pred, again, "a red square", k=3).rows
     assert len(hits) == 3 and hits[0]["score"] >= hits[1]["score"]
     res = P.search_image(pred, index.paths[0], ["a red square", "a blue square"], k=1)
     assert len(res.rows[0]["hits"]) == 1

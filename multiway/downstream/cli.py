@@ -83,7 +83,7 @@ def _predict_commands() -> list[PredictCommand]:
 def _predict(args: argparse.Namespace) -> int:
     from .inference import load_predictor
 
-    pred = load_predictor(args.model, tokenizer=args.tokenizer, labels=getattr(args, "labels", None))
+    pred = load_predictor(args.model, tokenizer=args.tokenizer, labels=getattr(args, "labels", None), model_name=args.model_name)
     return args.predict_command.run(args, pred)
 
 
@@ -116,7 +116,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     for command in _predict_commands():
         q = sp.add_parser(command.name, help=command.help)
         q.add_argument("--model", required=True, help="a finetune output folder or a multiway .safetensors")
-        q.add_argument("--tokenizer", help="SentencePiece model (default: the run's)")
+        q.add_argument("--tokenizer", help="SentencePiece model (default: the one the model file or run carries)")
+        q.add_argument("--model-name", dest="model_name",
+                       help="the model an official .pth holds, e.g. beit3_base_patch16_480_vqav2 (files without a config)")
         q.add_argument("--json", action="store_true", help="one JSON object per line")
         q.add_argument("--strict", action="store_true", help="exit with status 1 if any input was skipped (named on stderr)")
         command.add_arguments(q)

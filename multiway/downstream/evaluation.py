@@ -53,6 +53,11 @@ def evaluate(model: str | Path, task: str | None = None, data_dir: str | None = 
         folder, path = path, path / "model.safetensors"
     else:
         folder = path.parent
+    from ..model.checkpoints import read_model_extras
+
+    extras = read_model_extras(path) if path.is_file() else None
+    if extras is not None and extras.task:  # a model file saved with its task (finetune, save_pretrained(task=...))
+        meta = {**extras.task, **{k: v for k, v in meta.items() if v is not None}}
     task = task or saved.get("task") or meta.get("task")
     data_dir = data_dir or saved.get("data_dir")
     if not task or not data_dir:
@@ -61,7 +66,12 @@ def evaluate(model: str | Path, task: str | None = None, data_dir: str | None = 
     downstream = task_cls(deep_update(meta.get("options") or saved.get("options") or {}, options or {}))
     net = multiway.create_model(path)
     net.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    data = DataSettings(data_dir, tokenizer=load_tokenizer(tokenizer or saved.get("tokenizer") or meta.get("tokenizer")),
+    tok = load_tokenizer(tokenizer or saved.get("tokenizer") or meta.get("tokenizer"))
+    if tok is None and extras is not None and extras.tokenizer is not None:
+        from ..tokenizers.text import TextTokenizer
+
+        tok = TextTokenizer.from_bytes(extras.tokenizer, f"{path} (embedded tokenizer)")
+    data = DataSettings(data_dir, tokenizer=tok,
                         max_text_len=int(saved.get("max_text_len", meta.get("max_text_len", 64))), img_size=net.config.img_size,
                         labels=meta.get("labels"))
     dataset = downstream.build_dataset(split, data)

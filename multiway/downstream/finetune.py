@@ -175,7 +175,9 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
     t0 = time.perf_counter()
     train(model, task.train_task(train_set, cfg.batch_size, num_workers=cfg.num_workers, accum_steps=tcfg.accum_steps), tcfg)
     train_s = time.perf_counter() - t0
-    multiway.save_pretrained(model, out / "model.safetensors")
+    # the model file carries its tokenizer, preprocessing and task, so it predicts and evaluates on its own
+    multiway.save_pretrained(model, out / "model.safetensors", tokenizer=tok,
+                             preprocessing=task.preprocessing(img_size, cfg.max_text_len), task=task_file_metadata(task, train_set, cfg))
     write_task_json(out, cfg, task, train_set)
     save_config(cfg, out / "finetune_config.yaml")
     t0 = time.perf_counter()
@@ -183,6 +185,13 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
     (out / f"eval_{cfg.eval_split}.json").write_text(json.dumps(result, indent=2))
     (out / "timing.json").write_text(json.dumps({"train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - t0, 2)}))
     return result
+
+
+def task_file_metadata(task: DownstreamTask, train_set: Any, cfg: FinetuneConfig) -> dict[str, Any]:
+    """What a fine-tuned model file embeds about its task: name, head, labels, options, text length."""
+    from ..config import to_dict
+
+    return {**task.metadata(train_set), "options": to_dict(task.options), "max_text_len": cfg.max_text_len}
 
 
 def write_task_json(out: Path, cfg: FinetuneConfig, task: DownstreamTask, train_set: Any) -> None:

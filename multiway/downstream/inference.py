@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +48,27 @@ class Predictor:
 
 @dataclass
 class Result:
-    """rows: one dict per processed input; errors: ``"<path>: <reason>"`` for inputs that could not be read."""
+    """What every prediction function returns.
+
+    rows: one dict per processed input; errors: ``"<path>: <reason>"`` for inputs that could not be read;
+    output: the object the rows describe when there is one (the :class:`SearchIndex` of ``build_index``).
+    """
 
     rows: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    output: Any = None
+
+
+@dataclass(frozen=True)
+class InMemoryImage:
+    """An image given as an object (a PIL image, or a (3, H, W) tensor: uint8, or float in [0, 1]) instead of a
+    file; ``name`` stands for it in result rows (``<image 0>``, ...)."""
+
+    name: str
+    image: Any
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def read_labels(path: str | os.PathLike) -> list[str]:
@@ -80,19 +97,25 @@ def load_predictor(
     tokenizer: str | os.PathLike | None = None,
     labels: str | os.PathLike | Sequence[str] | None = None,
     device: str | torch.device | None = None,
+    model_name: str | None = None,
 ) -> Predictor:
     """Build a :class:`Predictor` from a ``multiway finetune`` output folder, a ``.safetensors`` model, or a module.
 
     A run folder holds ``model.safetensors`` and ``task.json`` (task, its options, tokenizer, labels), so no other
-    argument is needed; explicit ``tokenizer`` / ``labels`` override it. A bare model gets the registry's first
+    argument is needed; explicit ``tokenizer`` / ``labels`` override it. A ``.safetensors`` saved with a tokenizer,
+    preprocessing and task (:func:`multiway.save_pretrained`, ``multiway convert --tokenizer``, ``finetune``)
+    needs nothing else either. An official ``.pth`` has no config: ``model_name`` (e.g.
+    ``beit3_base_patch16_480_vqav2``) builds the model it is loaded into. A bare model gets the registry's first
     task with its head and that task's default options.
     """
     import multiway
+    from multiway.model.checkpoints import ModelExtras, read_model_extras
     from multiway.model.factory import model_name_of
 
     from .tasks import get_task, task_for_head
 
     meta: dict = {}
+    extras = ModelExtras()
     if isinstance(model, nn.Module):
         net = model
     else:
@@ -103,7 +126,14 @@ def load_predictor(
             path = path / "model.safetensors"
         if not path.is_file():
             raise FileNotFoundError(f"model not found: {path} (expected a multiway .safetensors or a finetune output folder)")
-        net = multiway.create_model(path)
+        if path.suffix != ".safetensors" and model_name is None:
+            from multiway.model.factory import fitting_presets_message
+
+            raise ValueError(fitting_presets_message(path))
+        net = multiway.create_model(model_name, pretrained=path) if model_name else multiway.create_model(path)
+        extras = read_model_extras(path)
+        # what the file embeds fills in what task.json does not say (a file saved by save_pretrained / convert)
+        meta = {**(extras.task or {}), **{k: v for k, v in meta.items() if v is not None}}
     head = meta.get("model_task") or model_name_of(net)
     if not head:
         raise ValueError(f"{model}: a bare backbone cannot predict; give a task model (captioning, vqav2, ...)")
@@ -111,12 +141,15 @@ def load_predictor(
     downstream = task_cls(meta.get("options"))
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device).eval()
+    from ..tokenizers.text import TextTokenizer
+
     tok = None
     tok_path = tokenizer or meta.get("tokenizer")
     if tok_path:
-        from ..tokenizers.text import TextTokenizer
-
         tok = TextTokenizer(tok_path)
+    elif extras.tokenizer is not None:
+        tok = TextTokenizer.from_bytes(extras.tokenizer, f"{model} (embedded tokenizer)")
+    pre = extras.preprocessing or {}
     if labels is None and meta.get("labels"):
         labels = meta["labels"]
     if isinstance(labels, (str, os.PathLike)):
@@ -125,18 +158,51 @@ def load_predictor(
         model=net,
         task=head,
         downstream=downstream,
-        transform=downstream.eval_transform(net.config.img_size),
+        transform=transform_from_preprocessing(pre) if pre else downstream.eval_transform(net.config.img_size),
         tokenizer=tok,
         labels=list(labels) if labels is not None else None,
-        max_text_len=min(int(meta.get("max_text_len", 64)), net.config.max_text_positions - 2),
+        max_text_len=min(int(meta.get("max_text_len") or pre.get("max_text_len") or 64), net.config.max_text_positions - 2),
     )
 
 
-def list_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def transform_from_preprocessing(pre: dict) -> Callable:
+    """PIL image or (3, H, W) tensor -> (3, S, S) float tensor, from a model file's embedded preprocessing
+    (``img_size``, ``mean``, ``std``, ``interpolation``, ``resize``: ``"squash"`` = Resize((S, S)), or
+    ``"center_crop"`` = Resize(int(S / crop_pct)) + CenterCrop(S))."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    try:
+        size, mean, std = int(pre["img_size"]), list(pre["mean"]), list(pre["std"])
+        interpolation = InterpolationMode(pre.get("interpolation", "bicubic"))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"embedded preprocessing {pre}: expected img_size, mean, std and an interpolation "
+                         f"({', '.join(m.value for m in InterpolationMode)}); {type(e).__name__}: {e}") from e
+    resize = pre.get("resize", "squash")
+    if resize == "squash":
+        ops = [v2.Resize((size, size), interpolation=interpolation, antialias=True)]
+    elif resize == "center_crop":
+        ops = [v2.Resize(int(size / float(pre.get("crop_pct", 1.0))), interpolation=interpolation, antialias=True), v2.CenterCrop(size)]
+    else:
+        raise ValueError(f"embedded preprocessing: resize must be 'squash' or 'center_crop', got {resize!r}")
+    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def list_images(inputs: Any) -> list[Path | InMemoryImage]:
     """Expand folders (recursively, image extensions only, sorted) and keep explicit files as given. Entries that
-    are not regular files (a dangling link, a FIFO) are kept, so :func:`read_images` reports them by name."""
-    out: list[Path] = []
-    for item in inputs:
+    are not regular files (a dangling link, a FIFO) are kept, so :func:`read_images` reports them by name.
+    PIL images and tensors (one, or in the list) become :class:`InMemoryImage` named ``<image i>``."""
+    if isinstance(inputs, (str, os.PathLike, Tensor)) or hasattr(inputs, "getpixel"):
+        inputs = [inputs]
+    out: list[Path | InMemoryImage] = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, InMemoryImage):
+            out.append(item)
+            continue
+        if isinstance(item, Tensor) or hasattr(item, "getpixel"):  # a tensor or a PIL image
+            out.append(InMemoryImage(f"<image {i}>", item))
+            continue
+        if not isinstance(item, (str, os.PathLike)):
+            raise TypeError(f"images: expected file paths, folders, PIL images or (3, H, W) tensors, got {type(item).__name__}")
         p = Path(item)
         if p.is_dir():
             out.extend(sorted(q for q in p.rglob("*") if not q.is_dir() and q.suffix.lower() in IMAGE_EXTENSIONS))
@@ -152,6 +218,12 @@ def read_images(paths: Sequence[Path], transform: Callable) -> tuple[list[Tensor
 
     tensors, ok, errors = [], [], []
     for p in paths:
+        if isinstance(p, InMemoryImage):
+            if isinstance(p.image, Tensor) and (p.image.ndim != 3 or p.image.shape[0] != 3):
+                raise ValueError(f"{p}: an image tensor must be (3, H, W), got {tuple(p.image.shape)}")
+            tensors.append(transform(p.image.convert("RGB") if hasattr(p.image, "convert") else p.image))
+            ok.append(p)
+            continue
         try:
             tensors.append(transform(load_image(p)))
             ok.append(p)
@@ -201,6 +273,7 @@ def print_result(result: Result, as_json: bool, strict: bool = False) -> int:
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "InMemoryImage",
     "Predictor",
     "Result",
     "encode_texts",
@@ -211,4 +284,5 @@ __all__ = [
     "read_images",
     "read_labels",
     "require",
+    "transform_from_preprocessing",
 ]

@@ -7,6 +7,8 @@ read with ``torch.load(weights_only=True)`` only, so a file can never run code o
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -251,11 +254,73 @@ def _atomic_write(path: Path, write: callable) -> None:
             os.unlink(tmp)
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, official_layout: bool = True) -> Path:
+#: how the embedded SentencePiece model's pieces map to token ids (multiway.tokenizers.text, XLM-R / fairseq)
+TOKENIZER_IDS = "xlmr_fairseq"
+
+
+@dataclass
+class ModelExtras:
+    """What a multiway model file carries beside the weights (each None when the file does not hold it).
+
+    tokenizer: the SentencePiece model bytes (ids: :data:`TOKENIZER_IDS`); preprocessing: ``img_size``, ``mean``,
+    ``std``, ``interpolation``, ``resize`` (``"squash"`` or ``"center_crop"``), ``crop_pct``, ``max_text_len``;
+    task: the downstream task (``task``, ``options``, ``labels``) a fine-tune saved.
+    """
+
+    tokenizer: bytes | None = None
+    preprocessing: dict | None = None
+    task: dict | None = None
+
+
+def read_model_extras(path: str | os.PathLike) -> ModelExtras:
+    """The tokenizer, preprocessing and task a ``.safetensors`` file embeds, read from its header alone.
+
+    Other files (official ``.pth``) carry none: an empty :class:`ModelExtras`.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return ModelExtras()
+    metadata = read_safetensors_header(path)[1]
+    extras = ModelExtras()
+    try:
+        if metadata.get("text_tokenizer"):
+            ids = metadata.get("text_tokenizer_ids", TOKENIZER_IDS)
+            if ids != TOKENIZER_IDS:
+                raise CheckpointError(f"{path}: embedded tokenizer uses ids {ids!r}; this version reads {TOKENIZER_IDS!r}")
+            extras.tokenizer = base64.b64decode(metadata["text_tokenizer"], validate=True)
+        for name in ("preprocessing", "task"):
+            if metadata.get(name):
+                value = json.loads(metadata[name])
+                if not isinstance(value, dict):
+                    raise CheckpointError(f"{path}: embedded {name} must be a JSON object, got {type(value).__name__}")
+                setattr(extras, name, value)
+    except (ValueError, binascii.Error) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: the embedded tokenizer/preprocessing/task is not valid ({type(e).__name__}: {e})") from e
+    return extras
+
+
+def save_pretrained(
+    model: nn.Module,
+    path: str | os.PathLike,
+    official_layout: bool = True,
+    tokenizer: Any = None,
+    preprocessing: Mapping[str, Any] | None = None,
+    task: Mapping[str, Any] | None = None,
+) -> Path:
     """Save weights as safetensors with the config and model name embedded (atomic write).
 
-    ``multiway.create_model(path)`` rebuilds the model from the file alone. The keys are the official ones,
-    so the file also loads into official-layout code (with ``safetensors.torch.load_file``).
+    ``multiway.create_model(path)`` rebuilds the model from the file alone; ``multiway.load(path)`` also gets
+    the tokenizer, preprocessing and task from it when they were given here:
+
+    tokenizer: a :class:`~multiway.tokenizers.TextTokenizer` or the path of a SentencePiece model; its bytes are
+        embedded (base64 under ``text_tokenizer``, ids convention under ``text_tokenizer_ids``).
+    preprocessing: image size, mean/std, interpolation, resize mode, text length (see :class:`ModelExtras`).
+    task: the downstream task's name, options and labels (what a fine-tune's ``task.json`` holds).
+
+    The keys are the official ones, so the file also loads into official-layout code (with
+    ``safetensors.torch.load_file``).
     """
     path = Path(path)
     config = model.config
@@ -266,6 +331,19 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, official_layout: 
         "model_name": model_name_of(model),
         "head_config": json.dumps(head_config),
     }
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from ..tokenizers.text import TextTokenizer
+
+            tokenizer = TextTokenizer(tokenizer)
+        if not hasattr(tokenizer, "serialized"):
+            raise TypeError(f"tokenizer must be a TextTokenizer or a SentencePiece model path, got {type(tokenizer).__name__}")
+        metadata["text_tokenizer"] = base64.b64encode(tokenizer.serialized()).decode("ascii")
+        metadata["text_tokenizer_ids"] = TOKENIZER_IDS
+    if preprocessing is not None:
+        metadata["preprocessing"] = json.dumps(dict(preprocessing))
+    if task is not None:
+        metadata["task"] = json.dumps(dict(task))
     # safetensors refuses shared storage; clone so tied/expanded tensors save cleanly.
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))

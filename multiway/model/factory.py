@@ -132,6 +132,33 @@ def _from_file(path: Path, overrides: dict[str, Any]) -> nn.Module:
     return model
 
 
+def fitting_presets(path: str | os.PathLike) -> list[str]:
+    """The presets whose backbone has the shapes of the checkpoint's tensors (the vision position table may
+    differ: it is interpolated on load), those of the same image size first. Reads the file once; builds each
+    preset on the meta device (nothing allocated)."""
+    state = read_checkpoint(path)[0]
+    shapes = {k.removeprefix("beit3."): tuple(v.shape) for k, v in state.items()}
+    positions = "encoder.embed_positions.A.weight"
+    exact, resized = [], []
+    for name, config in PRESETS.items():
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in MultiwayTransformer(config).state_dict().items()}
+        if any(shapes.get(k) != v for k, v in expected.items() if k != positions):
+            continue
+        (exact if shapes.get(positions) == expected.get(positions) else resized).append(name)
+    return exact + resized
+
+
+def fitting_presets_message(path: str | os.PathLike) -> str:
+    """The error for a checkpoint without an embedded config: what to pass, and the presets that fit its tensors."""
+    fits = fitting_presets(path)
+    hint = (f"presets whose shapes fit this file: {', '.join(fits)}" if fits
+            else f"no preset has this file's shapes (presets: {', '.join(sorted(PRESETS))})")
+    example = fits[0] if fits else "beit3_base_patch16_480"
+    return (f"{path} has no embedded multiway config: name the model it holds with --model-name PRESET_TASK "
+            f"(Python: model_name=...), e.g. {example}_<task> with <task> one of {', '.join(TASK_HEADS)}; {hint}")
+
+
 def check_file_matches_config(
     shapes: dict[str, tuple[int, ...]], config: MultiwayConfig, task: str | None, head_config: dict[str, Any], source: str
 ) -> None:
@@ -162,4 +189,5 @@ def check_file_matches_config(
     check_shapes(expected, shapes, source, f"the model its config describes ({type(skeleton).__name__})")
 
 
-__all__ = ["OFFICIAL_MODELS", "BEiT3Model", "build_model", "create_model", "list_models", "model_name_of", "split_model_name"]
+__all__ = ["OFFICIAL_MODELS", "BEiT3Model", "build_model", "create_model", "fitting_presets", "fitting_presets_message", "list_models",
+           "model_name_of", "split_model_name"]

@@ -50,11 +50,38 @@ class TextTokenizer:
     def __len__(self) -> int:
         return self.vocab_size
 
+    @classmethod
+    def from_bytes(cls, model_proto: bytes, source: str = "<embedded>") -> TextTokenizer:
+        """The tokenizer of a serialized SentencePiece model (the bytes of a ``.spm`` file, e.g. the copy a
+        model file embeds); ``source`` names it in messages."""
+        import sentencepiece as spm
+
+        if not isinstance(model_proto, (bytes, bytearray)) or not model_proto:
+            raise ValueError(f"{source}: expected the bytes of a SentencePiece model, got {type(model_proto).__name__}")
+        self = cls.__new__(cls)
+        self.model_file = source
+        try:
+            self.sp = spm.SentencePieceProcessor(model_proto=bytes(model_proto))
+        except RuntimeError as e:
+            raise ValueError(f"{source}: not a SentencePiece model ({e})") from e
+        if self.sp.unk_id() != 0:
+            raise ValueError(f"{source}: expected <unk> at spm id 0 (XLM-R layout), got {self.sp.unk_id()}")
+        return self
+
+    def serialized(self) -> bytes:
+        """The SentencePiece model as bytes (what :meth:`from_bytes` reads back)."""
+        return self.sp.serialized_model_proto()
+
     def __getstate__(self) -> dict:  # SentencePieceProcessor pickles poorly across dataloader workers
-        return {"model_file": self.model_file}
+        if Path(self.model_file).is_file():
+            return {"model_file": self.model_file}
+        return {"model_proto": self.serialized(), "model_file": self.model_file}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model_file"])
+        if "model_proto" in state:
+            self.__dict__.update(TextTokenizer.from_bytes(state["model_proto"], state["model_file"]).__dict__)
+        else:
+            self.__init__(state["model_file"])
 
     @property
     def num_pieces(self) -> int:

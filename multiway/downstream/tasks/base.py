@@ -155,7 +155,7 @@ class DownstreamTask(abc.ABC):
         if isinstance(options, Mapping):
             from ...config import from_dict
 
-            return from_dict(cls.Options, dict(options), where=f"{cls.name} options")
+            return from_dict(cls.Options, dict(options), where="options")
         raise TypeError(f"{cls.name} options: expected {cls.Options.__name__}, a mapping of its fields or None; "
                         f"got {type(options).__name__}")
 
@@ -250,6 +250,23 @@ class DownstreamTask(abc.ABC):
     def baselines(self, train_set: Dataset, test_set: Dataset) -> dict[str, float]:
         """Further trivial predictors' headline metric, by a short name (e.g. ``most_frequent_caption``)."""
         return {}
+
+    def preprocessing(self, img_size: int, max_text_len: int = 64) -> dict[str, Any]:
+        """What a model file embeds so inference rebuilds :meth:`eval_transform` without the task's code: image
+        side, mean/std, interpolation, resize mode (``"squash"``: Resize((S, S)); ``"center_crop"``), text length."""
+        from ...constants import IMAGENET_MEAN, IMAGENET_STD, VL_MEAN, VL_STD
+
+        mean, std = (VL_MEAN, VL_STD) if self.normalize == "vl" else (IMAGENET_MEAN, IMAGENET_STD)
+        return {"img_size": img_size, "mean": list(mean), "std": list(std), "interpolation": "bicubic", "resize": "squash",
+                "crop_pct": 1.0, "max_text_len": max_text_len}
+
+    def predict(self, predictor: Any, images: Any = None, text: Any = None, **options: Any) -> Any:
+        """Prediction on in-memory or file inputs (what :class:`multiway.Processor` calls): ``images`` (paths,
+        folders, PIL images, (3, H, W) tensors) and/or ``text`` (a string or a list of strings) -> a
+        :class:`~multiway.downstream.inference.Result`. ``options``: the task's prediction settings (``topk``,
+        ``num_beams``, ...). Tasks without prediction on user inputs refuse with a TypeError."""
+        raise TypeError(f"task {self.name!r} offers no prediction on user inputs; tasks that do: "
+                        "coco_captioning, vqav2, nlvr2, coco_retrieval, imagenet, text_classification")
 
     def metadata(self, train_set: Dataset) -> dict[str, Any]:
         """What inference needs beside the weights (written to ``task.json``)."""

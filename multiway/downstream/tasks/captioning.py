@@ -154,6 +154,12 @@ class CocoCaptioning(DownstreamTask):
     find_unused_parameters = True
     predict_commands = (PredictCommand("caption", "caption images", _caption_arguments, _caption_run),)
 
+    def predict(self, predictor: Predictor, images: Any = None, text: Any = None, **options: Any) -> Result:
+        """Captions of ``images``: rows ``{"path", "caption"}`` (options: num_beams, max_len, length_penalty)."""
+        if images is None:
+            raise TypeError(f"{self.name} predict needs images=")
+        return caption(predictor, images, **options)
+
     def build_dataset(self, split: str, data: DataSettings) -> Dataset:
         return CaptioningDataset(data.data_dir, split, self.index_files(split), self.image_transform(split, data),
                                  tokenizer=data.tokenizer, max_len=data.max_text_len, on_error=data.on_error,

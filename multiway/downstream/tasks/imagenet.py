@@ -77,6 +77,16 @@ class ImageNet(DownstreamTask):
     recipe = "finetune_imagenet_base.yaml"
     predict_commands = (PredictCommand("classify", "classify images", _classify_arguments, _classify_run),)
 
+    def predict(self, predictor: Predictor, images: Any = None, text: Any = None, **options: Any) -> Result:
+        """Labels of ``images``: rows ``{"path", "label", "top"}`` (option: topk)."""
+        if images is None:
+            raise TypeError(f"{self.name} predict needs images=")
+        return classify(predictor, images, **options)
+
+    def preprocessing(self, img_size: int, max_text_len: int = 64) -> dict[str, Any]:
+        """ImageNet evaluation: Resize(S) + CenterCrop(S), ImageNet mean/std."""
+        return {**super().preprocessing(img_size, max_text_len), "resize": "center_crop"}
+
     def eval_transform(self, img_size: int) -> Callable:
         from ...data.transforms import build_imagenet_transform
 

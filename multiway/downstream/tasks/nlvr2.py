@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from ...constants import INDEX_FILES
 from ...data.index_dataset import IndexDataset
 from .. import losses, metrics
-from ..inference import Predictor, Result, encode_texts, print_result, read_images, require
+from ..inference import Predictor, Result, encode_texts, list_images, print_result, read_images, require
 from .base import DataSettings, DownstreamTask, EvalSettings, PredictCommand
 
 
@@ -34,14 +34,15 @@ def judge(pred: Predictor, image_a: str | Path, image_b: str | Path, statement: 
     """Is ``statement`` true of the image pair? One row ``{"image_a", "image_b", "statement", "true", "prob_true"}``."""
     require(pred, NLVR2.head, tokenizer=True)
     result = Result()
-    tensors, ok, errors = read_images([Path(image_a), Path(image_b)], pred.transform)
+    pair = list_images([image_a, image_b])
+    tensors, ok, errors = read_images(pair, pred.transform)
     result.errors.extend(errors)
     if len(ok) < 2:
         return result
     ids, pad = encode_texts(pred, [statement])
     a, b = (t.unsqueeze(0).to(pred.device) for t in tensors)
     prob = pred.model(image_a=a, image_b=b, text_description=ids, padding_mask=pad).float().softmax(-1)[0, 1].item()
-    result.rows.append({"image_a": str(image_a), "image_b": str(image_b), "statement": statement, "true": prob > 0.5,
+    result.rows.append({"image_a": str(pair[0]), "image_b": str(pair[1]), "statement": statement, "true": prob > 0.5,
                         "prob_true": round(prob, 4)})
     return result
 
@@ -67,6 +68,12 @@ class NLVR2(DownstreamTask):
     recipe = "finetune_nlvr2_base.yaml"
     image_blind_check = True
     predict_commands = (PredictCommand("nlvr2", "is a statement true of two images?", _judge_arguments, _judge_run),)
+
+    def predict(self, predictor: Predictor, images: Any = None, text: Any = None, **options: Any) -> Result:
+        """Is the statement ``text`` true of the pair ``images`` = (a, b)? One row ``{"true", "prob_true", ...}``."""
+        if images is None or len(images) != 2 or not isinstance(text, str):
+            raise TypeError("nlvr2 predict needs images=[image_a, image_b] and text= (the statement, a string)")
+        return judge(predictor, images[0], images[1], text)
 
     def build_dataset(self, split: str, data: DataSettings) -> Dataset:
         return NLVR2Dataset(data.data_dir, split, self.index_files(split), self.image_transform(split, data), tokenizer=data.tokenizer,

@@ -93,18 +93,19 @@ class SearchIndex:
         return cls(emb, paths)
 
 
-def build_index(pred: Predictor, inputs: Iterable[str], batch_size: int = 32) -> tuple[SearchIndex, list[str]]:
-    """Embed a folder of images for search. Returns (index, errors)."""
+def build_index(pred: Predictor, inputs: Iterable[str], batch_size: int = 32) -> Result:
+    """Embed a folder of images for search: rows ``{"path"}`` of the indexed images, ``output`` the
+    :class:`SearchIndex` (save it with ``result.output.save(path)``), errors the skipped files."""
     emb, paths, errors = embed_images(pred, inputs, batch_size)
-    return SearchIndex(emb, paths), errors
+    return Result(rows=[{"path": p} for p in paths], errors=errors, output=SearchIndex(emb, paths))
 
 
-def search_text(pred: Predictor, index: SearchIndex, query: str, k: int = 5) -> list[dict]:
-    """Top-``k`` images of ``index`` for a text query: ``[{"path", "score"}]`` by cosine similarity."""
+def search_text(pred: Predictor, index: SearchIndex, query: str, k: int = 5) -> Result:
+    """Top-``k`` images of ``index`` for a text query: rows ``{"path", "score"}`` by cosine similarity, best first."""
     q = embed_texts(pred, [query])[0]
     scores = index.embeddings @ q
     order = np.argsort(-scores)[:k]
-    return [{"path": index.paths[i], "score": round(float(scores[i]), 4)} for i in order]
+    return Result(rows=[{"path": index.paths[i], "score": round(float(scores[i]), 4)} for i in order])
 
 
 def search_image(pred: Predictor, image: str | Path, texts: Sequence[str], k: int = 5) -> Result:
@@ -161,7 +162,8 @@ def _search_run(args: argparse.Namespace, pred: Predictor) -> int:
     else:
         if not args.images:
             raise SystemExit("search: give --images (a folder to index) or an existing --index")
-        index, errors = build_index(pred, args.images)
+        built = build_index(pred, args.images)
+        index, errors = built.output, built.errors
         for e in errors:
             print(f"skipped: {e}", file=sys.stderr)
         if errors and args.strict:
@@ -169,7 +171,7 @@ def _search_run(args: argparse.Namespace, pred: Predictor) -> int:
         if args.index:
             print(f"index saved to {index.save(args.index)}")
     if args.query:
-        for hit in search_text(pred, index, args.query, k=args.topk):
+        for hit in search_text(pred, index, args.query, k=args.topk).rows:
             print(json.dumps(hit) if args.json else f"{hit['score']:.4f}  {hit['path']}")
     if args.image_query:
         if not args.texts:
@@ -198,6 +200,23 @@ class CocoRetrieval(DownstreamTask):
         PredictCommand("search", "index a folder of images; top-k for a text query, or texts for an image", _search_arguments,
                        _search_run),
     )
+
+    def predict(self, predictor: Predictor, images: Any = None, text: Any = None, **options: Any) -> Result:
+        """Embeddings, or scores when both are given. ``images`` alone: rows ``{"path"}``, ``output`` the (N, D) unit
+        image embeddings; ``text`` alone: rows ``{"text"}``, ``output`` the (N, D) text embeddings; both: one row per
+        image ``{"path", "hits": [{"text", "score"}]}`` (best first), ``output`` the (N_images, N_texts) cosine scores."""
+        if images is None and text is None:
+            raise TypeError("retrieval predict needs images=, text= or both")
+        texts = [text] if isinstance(text, str) else (list(text) if text is not None else None)
+        if images is None:
+            return Result(rows=[{"text": t} for t in texts], output=embed_texts(predictor, texts, **options))
+        emb, paths, errors = embed_images(predictor, images, **options)
+        if texts is None:
+            return Result(rows=[{"path": p} for p in paths], errors=errors, output=emb)
+        scores = emb @ embed_texts(predictor, texts).T
+        rows = [{"path": p, "hits": [{"text": texts[j], "score": round(float(scores[i, j]), 4)} for j in np.argsort(-scores[i])]}
+                for i, p in enumerate(paths)]
+        return Result(rows=rows, errors=errors, output=scores)
 
     def build_dataset(self, split: str, data: DataSettings) -> Dataset:
         return RetrievalDataset(data.data_dir, split, self.index_files(split), self.image_transform(split, data), tokenizer=data.tokenizer,

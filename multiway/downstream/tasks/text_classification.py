@@ -113,6 +113,12 @@ class TextClassification(DownstreamTask):
     find_unused_parameters = True
     predict_commands = (PredictCommand("classify-text", "classify texts (one a line)", _classify_text_arguments, _classify_text_run),)
 
+    def predict(self, predictor: Predictor, images: Any = None, text: Any = None, **options: Any) -> Result:
+        """Labels of ``text`` (a string or a list): rows ``{"text", "label", "top"}`` (option: topk)."""
+        if text is None:
+            raise TypeError(f"{self.name} predict needs text=")
+        return classify_texts(predictor, [text] if isinstance(text, str) else list(text), **options)
+
     def build_dataset(self, split: str, data: DataSettings) -> Dataset:
         return TextClassificationDataset(data.data_dir, split, self.index_files(split), data.tokenizer, data.max_text_len, data.labels)
 

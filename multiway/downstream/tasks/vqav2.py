@@ -90,6 +90,12 @@ class VQAv2(DownstreamTask):
     image_blind_check = True
     predict_commands = (PredictCommand("vqa", "answer a question about images", _vqa_arguments, _vqa_run),)
 
+    def predict(self, predictor: Predictor, images: Any = None, text: Any = None, **options: Any) -> Result:
+        """Answers to the question ``text`` about each of ``images``: rows ``{"path", "question", "answer", "top"}``."""
+        if images is None or not isinstance(text, str):
+            raise TypeError("vqav2 predict needs images= and text= (the question, a string)")
+        return answer(predictor, images, text, **options)
+
     def build_dataset(self, split: str, data: DataSettings) -> Dataset:
         return VQAv2Dataset(data.data_dir, split, self.index_files(split), self.image_transform(split, data), tokenizer=data.tokenizer,
                             max_len=data.max_text_len, on_error=data.on_error)
