@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from multiway.data import ImageStream, PairStream, PretrainTransform, TextStream, collate_batch, create_dataset, generate_synthetic_dataset
+from multiway.data import ImageStream, PairStream, PretrainTransform, TextStream, collate_batch, generate_synthetic_dataset
+from multiway.downstream.tasks import DataSettings, get_task
 from multiway.tokenizers import TextTokenizer
 
 
@@ -72,7 +73,7 @@ def main() -> None:
         "image": ("image", lambda: ImageStream(shards, PretrainTransform(size), repeat=True)),
         "text": ("text", lambda: TextStream(data / "corpus.txt", tok, max_len=64, repeat=True)),
         "pair": ("pair", lambda: PairStream(shards, PretrainTransform(size), tok, max_len=64, repeat=True)),
-        "vqav2": ("pair", lambda: create_dataset("vqav2", data, "train", tokenizer=tok, img_size=size)),
+        "vqav2": ("pair", lambda: get_task("vqav2")().build_dataset("train", DataSettings(str(data), tokenizer=tok, img_size=size))),
     }
     model = None
     note = ""

@@ -1,7 +1,8 @@
 """Speed and memory of a fine-tuning step: VQAv2 (fusion encoder) and COCO retrieval (dual encoder).
 
 One step is forward + backward + AdamW update of the task model through the task's own loss
-(:func:`multiway.downstream.tasks.task_loss`: BCE over the answer vocabulary for VQA, the CLIP loss for retrieval) on
+(:meth:`multiway.downstream.tasks.DownstreamTask.loss`: BCE over the answer vocabulary for VQA, the CLIP loss for
+retrieval) on
 synthetic tensors (no data loading), at the official recipes' resolutions: VQAv2 at 480 px with 3129 answers
 and 32-token questions, retrieval at 384 px with 64-token captions. bf16 autocast + SDPA on CUDA, fp32 on CPU.
 
@@ -26,7 +27,7 @@ import torch
 from bench_common import add_step_arguments, seconds_per_call
 
 import multiway
-from multiway.downstream.tasks import LossOptions, get_task, task_loss
+from multiway.downstream.tasks import get_task
 from multiway.train.optim import param_groups
 
 # task -> (model suffix, image size for base/large, text length, default batch per device)
@@ -51,12 +52,10 @@ def make_batch(task: str, cfg, batch: int, text_len: int, num_answers: int, devi
     return {k: v.to(device) for k, v in out.items()}
 
 
-def bench(model, opt, spec, batch: dict, device: torch.device, amp: bool, steps: int, warmup: int) -> float:
-    opts = LossOptions()
-
+def bench(model, opt, task, batch: dict, device: torch.device, amp: bool, steps: int, warmup: int) -> float:
     def one() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, _ = task_loss(spec, model, batch, opts)
+            loss, _ = task.loss(model, batch)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = {t: TASKS[t][3] for t in TASKS} | parse_batches(args.batch)
     rows = []
     for task in args.tasks:
-        spec = get_task(task)
+        spec = get_task(task)()
         kwargs = {"num_classes": args.num_answers} if task == "vqav2" else {}
         model = multiway.create_model(model_name(args.size, task), grad_checkpointing=args.grad_checkpointing, **kwargs).to(device)
         opt = torch.optim.AdamW(param_groups(model), lr=1e-5, **({"fused": True} if amp else {}))

@@ -45,7 +45,8 @@ def write_downstream_data(root: Path, per_color: int = 4) -> Path:
             r2, c2 = rows[(i * 5 + 1) % len(rows)]
             nl.append({"image_path": r, "image2_path": r2, "text_segment": f"both squares are {c}", "label": int(c2 == c),
                        "identifier": f"{split}-{i}"})
-            nl.append({"image_path": r, "image2_path": r, "text_segment": f"both squares are {c}", "label": 1, "identifier": f"{split}-{i}b"})
+            nl.append({"image_path": r, "image2_path": r, "text_segment": f"both squares are {c}", "label": 1,
+                       "identifier": f"{split}-{i}b"})
         _jsonl(root / nl_file, nl)
         for task in ("coco_retrieval", "flickr30k"):
             _jsonl(root / f"{task}.{split}.jsonl", [{"image_path": r, "text_segment": f"a {c} square", "image_id": i}
@@ -55,7 +56,8 @@ def write_downstream_data(root: Path, per_color: int = 4) -> Path:
                                                           for i, (r, c) in enumerate(rows)])
         else:
             for task, gt in (("coco_captioning", "coco_karpathy_val_gt.json"), ("nocaps", "nocaps_val_gt.json")):
-                _jsonl(root / f"{task}.val.jsonl", [{"image_path": r, "text_segment": None, "image_id": i} for i, (r, c) in enumerate(rows)])
+                _jsonl(root / f"{task}.val.jsonl",
+                       [{"image_path": r, "text_segment": None, "image_id": i} for i, (r, c) in enumerate(rows)])
                 anns = [{"image_id": i, "id": i, "caption": f"a {c} square"} for i, (r, c) in enumerate(rows)]
                 (root / gt).write_text(json.dumps({"annotations": anns, "images": [{"id": i} for i in range(len(rows))]}))
         tc = ["text,label"] + [f"the {c} one,{c}" for c in NAMES for _ in range(per_color)]
@@ -66,3 +68,20 @@ def write_downstream_data(root: Path, per_color: int = 4) -> Path:
     corpus.write_text("\n".join([f"a {c} square" for c in NAMES] + [f"both squares are {c}" for c in NAMES]
                                 + ["what color is the square"] + [f"the {c} one" for c in NAMES]) + "\n")
     return corpus
+
+
+def create_dataset(task: str, root, split: str, img_size: int = 224, tokenizer=None, max_len: int = 64, on_error: str = "raise",
+                   index=None, **dataset_kwargs):
+    """A task's dataset of ``split`` through the task interface; ``index`` (other index files) and
+    ``dataset_kwargs`` (e.g. captioning's ``mask_id``) build the task's dataset class directly."""
+    from multiway.downstream.tasks import DataSettings, get_task
+    from multiway.downstream.tasks.captioning import CaptioningDataset
+    from multiway.downstream.tasks.imagenet import ImageNetDataset
+
+    t = get_task(task)()
+    data = DataSettings(str(root), tokenizer=tokenizer, max_text_len=max_len, img_size=img_size, on_error=on_error)
+    if index is None and not dataset_kwargs:
+        return t.build_dataset(split, data)
+    cls = {"imagenet": ImageNetDataset, "coco_captioning": CaptioningDataset}[task]
+    return cls(root, split, index or t.index_files(split), t.image_transform(split, data), tokenizer=tokenizer, max_len=max_len,
+               on_error=on_error, **dataset_kwargs)

@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from downstream_data import create_dataset
 
-from multiway.data.formats import CaptioningDataset, collate_batch, create_dataset
+from multiway.data.index_dataset import collate_batch
 from multiway.data.io import DataError, DataErrors
 from multiway.data.raw_indexes import (
     build_coco_captioning_index,
@@ -17,6 +18,7 @@ from multiway.data.raw_indexes import (
     build_vqav2_index,
     read_answer2label,
 )
+from multiway.downstream.tasks.captioning import CaptioningDataset
 from multiway.tokenizers.text import TextTokenizer, train_text_tokenizer
 
 FIX = Path(__file__).parent / "fixtures" / "data"
@@ -104,14 +106,15 @@ def test_captioning_reader_masks_officially():
     assert set(val) == {"image", "image_id"} and val["image_id"] == 42
     assert create_dataset("nocaps", FIX, "val", img_size=8)[0]["image_id"] == 7
     with pytest.raises(DataError, match="needs tokenizer"):
-        CaptioningDataset(FIX, "train", img_size=8)[0]
+        transform = create_dataset("coco_captioning", FIX, "val", img_size=8).transform
+        CaptioningDataset(FIX, "train", ["coco_captioning.train.jsonl"], transform)[0]
 
 
 def test_broken_inputs_raise_with_file_and_line(tmp_path):
     with pytest.raises(DataError, match=r"imagenet.val.index.jsonl:4: malformed JSON"):
         create_dataset("imagenet", FIX, "val", img_size=8)
     shutil.copytree(FIX / "images", tmp_path / "images")
-    for name, line, pattern in (
+    for _name, line, pattern in (
         ("missing", {"image_path": "images/missing.png", "label": 1}, r"x.jsonl:1: image not found: .*missing.png"),
         ("corrupt", {"image_path": "images/corrupt.png", "label": 1}, r"x.jsonl:1: cannot read image .*corrupt.png"),
         ("truncated", {"image_path": "images/truncated.png", "label": 1}, r"cannot read image .*truncated.png"),
@@ -276,7 +279,7 @@ def test_training_crop_and_flip_can_be_turned_off(tmp_path):
     from PIL import Image
 
     from multiway.data.transforms import build_transform
-    from multiway.downstream.tasks import build_dataset, get_task
+    from multiway.downstream.tasks import DataSettings, get_task
 
     arr = np.zeros((16, 16, 3), dtype=np.uint8)
     arr[:, :4] = 255  # white stripe on the left
@@ -292,6 +295,6 @@ def test_training_crop_and_flip_can_be_turned_off(tmp_path):
 
     img.save(tmp_path / "a.png")
     (tmp_path / "coco_retrieval.train.jsonl").write_text(json.dumps({"image_path": "a.png", "text_segment": [5, 6], "image_id": 0}) + "\n")
-    spec = get_task("coco_retrieval")
-    item = build_dataset(spec, tmp_path, "train", img_size=16, crop_scale=(1.0, 1.0), hflip=False)[0]
+    task = get_task("coco_retrieval")()
+    item = task.build_dataset("train", DataSettings(str(tmp_path), img_size=16, crop_scale=(1.0, 1.0), hflip=False))[0]
     assert torch.allclose(item["image"], evaluated, atol=1e-5)

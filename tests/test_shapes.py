@@ -4,8 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from downstream_data import create_dataset
 
-from multiway.data.formats import collate_batch, create_dataset
+from multiway.data.index_dataset import collate_batch
 from multiway.data.shapes import (
     COLOURS,
     HELD_OUT,

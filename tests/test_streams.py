@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from multiway.data.formats import collate_batch
+from multiway.data.index_dataset import collate_batch
 from multiway.data.io import DataError
 from multiway.data.streams import ImageStream, PairStream, TextStream, expand_source
 from multiway.data.transforms import PretrainTransform

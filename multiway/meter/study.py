@@ -30,13 +30,15 @@ from typing import Any, Literal
 import torch
 
 from ..config import check_literals
+from ..downstream.tasks import EvalSettings
+from ..downstream.tasks.base import task_options_fields
 from ..log import get_logger
 from ..train.loop import train
 from .config import TINY_TEXT, MeterConfig, tiny_config
 from .model import METERForPretraining, count_parameters
 from .objectives import TextSpec, load_mim_tokenizer
 from .optim import train_config
-from .tasks import TASK_MODELS, downstream_task, fast_caption_metrics, pretraining_task
+from .tasks import get_meter_task, pretraining_task
 
 # encoder pairs of the grid: name -> (tiny vision encoder, tiny text encoder, text encoder pre-trained locally?)
 ENCODERS: dict[str, tuple[str, str, bool]] = {
@@ -156,17 +158,19 @@ class StudyData:
 def load_study_data(cfg: StudyConfig) -> StudyData:
     from torch.utils.data import Subset
 
-    from ..data.formats import create_dataset
-    from ..data.transforms import build_transform
+    from ..downstream.tasks import DataSettings
     from ..tokenizers.text import TextTokenizer
 
     root = ensure_data(cfg.data_dir, cfg.img_size, cfg.seed, cfg.num_images)
     tok = TextTokenizer(find_spm(root))
+    settings = DataSettings(str(root), tokenizer=tok, max_text_len=cfg.max_len, img_size=cfg.img_size)
     splits = {}
-    for task, name in (("coco_retrieval", "retrieval"), ("vqav2", "vqa"), ("nlvr2", "nlvr2")):
+    # the pairs of pretraining (retrieval's files) and the priors' data (vqa, nlvr2), then every task of the grid;
+    # METER's tasks train on evaluation views by default (no flips: the data talks about places)
+    for name in dict.fromkeys(["retrieval", "vqa", "nlvr2", *cfg.tasks]):
+        task = get_meter_task(name)()
         for split in ("train", "val"):
-            tf = build_transform(task, is_train=False, img_size=cfg.img_size)  # no flips: the data talks about places
-            ds = create_dataset(task, root, split, transform=tf, tokenizer=tok, max_len=cfg.max_len)
+            ds = task.build_dataset(split, settings)
             if split == "val" and len(ds) > cfg.max_eval_items:
                 ds = Subset(ds, range(cfg.max_eval_items))
             splits[f"{name}/{split}"] = ds
@@ -174,7 +178,7 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
 
 
 def _collate(samples: list) -> dict:
-    from ..data.formats import collate_batch
+    from ..data.index_dataset import collate_batch
 
     batch = collate_batch(samples)
     batch.pop("batch_size", None)
@@ -248,31 +252,17 @@ def run_cell(cfg: StudyConfig, mc: MeterConfig, data: StudyData) -> dict[str, An
     row["samples_per_s"] = res["samples_per_s"]
     row["pretrain_loss"] = res.get("loss", float("nan"))
     row["bad_steps"] = res["bad_steps"]
-    decode = data.tokenizer.decode
-    for task in cfg.tasks:
-        if task == "captioning" and mc.architecture != "encoder_decoder":
+    for name in cfg.tasks:
+        task_cls = get_meter_task(name)
+        caption_metrics = {"fast_metrics": not cfg.java_caption_metrics} if "fast_metrics" in task_options_fields(task_cls) else {}
+        task = task_cls(caption_metrics)
+        if not task.fits(model.meter):
             continue
-        train_key, eval_key = {"captioning": ("retrieval/train", "retrieval/val")}.get(task, (f"{task}/train", f"{task}/val"))
-        meter = copy.deepcopy(model.meter)
-        kwargs: dict[str, Any] = {}
-        if task == "vqa":
-            ds = data.splits["vqa/train"]
-            kwargs["num_labels"] = getattr(ds, "num_labels", None) or ds.dataset.num_labels
-        if task == "retrieval" and mc.objectives.itm:
-            kwargs["itm_head"] = model.itm_head
-        tm = TASK_MODELS[task](meter, **kwargs)
-        metrics_fn = None if cfg.java_caption_metrics else fast_caption_metrics
-        t = downstream_task(task, data.splits[train_key], data.splits[eval_key], _collate, cfg.batch_size, decode, metrics_fn)
-        r = train(tm, t, train_config(mc.optim, cfg.finetune_steps, f"{runs.name}/{task}", cfg.precision, cfg.seed))
-        if task == "vqa":
-            row["vqa_score"] = r["eval/vqa_score"]
-        elif task == "nlvr2":
-            row["nlvr2_acc"] = r["eval/nlvr2_acc"]
-        elif task == "retrieval":
-            row["ir_r@1"], row["tr_r@1"] = r["eval/ir_r@1"], r["eval/tr_r@1"]
-            row["ret_avg"], row["ret_dual_avg"] = r["eval/average"], r["eval/dual_average"]
-        else:
-            row["cider"], row["bleu4"] = r["eval/cider"], r["eval/bleu4"]
+        train_set, eval_set = data.splits[f"{name}/train"], data.splits[f"{name}/val"]
+        tm = task.build_model(copy.deepcopy(model), task.num_classes(train_set))  # a copy: the next task starts afresh
+        t = task.train_task(train_set, cfg.batch_size, eval_set=eval_set, eval_settings=EvalSettings(batch_size=cfg.batch_size))
+        r = train(tm, t, train_config(mc.optim, cfg.finetune_steps, f"{runs.name}/{name}", cfg.precision, cfg.seed))
+        row.update({column: r[f"eval/{key}"] for key, column in task.study_columns.items()})
         row["bad_steps"] += r["bad_steps"]
     runs.cleanup()
     return row

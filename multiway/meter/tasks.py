@@ -1,6 +1,9 @@
-"""METER downstream tasks and pre-training as :class:`~multiway.train.loop.TrainTask` objects.
+"""METER's downstream tasks on the shared :class:`~multiway.downstream.tasks.DownstreamTask` interface, and its
+pre-training as a :class:`~multiway.train.task.TrainTask`.
 
-Batches use BEiT-3's field names, so the same datasets and collate functions feed both systems:
+Each task class (:data:`METER_TASKS`) reuses the BEiT-3 task of the same data (its index files, datasets and
+collation) and brings METER's head, loss and evaluation; ``build_model`` puts the head on a (pretrained) METER
+model. Batches use BEiT-3's field names, so the same datasets and collate functions feed both systems:
 
 * pre-training / retrieval / captioning: ``image (B,3,H,W)``, ``language_tokens (B,T)``, ``padding_mask (B,T)``
   (+ ``image_id (B,)`` for retrieval and captioning);
@@ -13,19 +16,25 @@ Metrics come from :mod:`multiway.downstream.metrics` (VQA score, accuracy, retri
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.masking import IGNORE_INDEX
 from ..downstream.metrics import caption_metrics, retrieval_recall, vqa_score
-from ..train.loop import MapDatasetTask
-from .config import ObjectiveConfig
-from .model import METERForCaptioning, METERForNLVR2, METERForPretraining, METERForRetrieval, METERForVQA
+from ..downstream.tasks.base import DataSettings, DownstreamTask, EvalSettings
+from ..downstream.tasks.nlvr2 import NLVR2
+from ..downstream.tasks.retrieval import CocoRetrieval
+from ..downstream.tasks.vqav2 import VQAv2
+from ..train import MapDatasetTask
+from .config import MeterConfig, ObjectiveConfig
+from .model import METERForCaptioning, METERForNLVR2, METERForPretraining, METERForRetrieval, METERForVQA, METERModel
 from .objectives import TextSpec, itc_logits, itc_loss, pretraining_loss
+from .snli_ve import SNLIVE
 
 
 def _batches(dataset: Dataset, collate_fn: Callable | None, batch_size: int) -> Iterable[dict]:
@@ -119,7 +128,10 @@ def retrieval_loss(model: METERForRetrieval, batch: dict, num_negatives: int = 3
     v = m.encode_image_tokens(image)
     sim = itc_logits(m, t[:, 0], v[:, 0])
     loss_itc = itc_loss(sim)
-    same = batch["image_id"][:, None] == batch["image_id"][None, :] if "image_id" in batch else torch.eye(B, dtype=torch.bool, device=ids.device)
+    if "image_id" in batch:
+        same = batch["image_id"][:, None] == batch["image_id"][None, :]
+    else:
+        same = torch.eye(B, dtype=torch.bool, device=ids.device)
     k = min(num_negatives, int((~same).sum(1).min()))
     cands = [torch.arange(B, device=ids.device)]
     if k > 0:
@@ -166,8 +178,8 @@ def retrieval_evaluate(
             out.append(model.score(t_tok[tt], v_tok[ii], pad[tt]).float())
         return torch.cat(out)
 
-    I, T = dual.shape
-    ki, kt = min(k, I), min(k, T)
+    num_images, T = dual.shape
+    ki, kt = min(k, num_images), min(k, T)
     # text -> image: re-rank each text's top-k images
     s_t2i = dual.clone() - 1e4
     top_i = dual.topk(ki, dim=0).indices  # (ki, T)
@@ -175,8 +187,8 @@ def retrieval_evaluate(
     s_t2i[rows, cols] = fused(rows, cols)
     # image -> text: re-rank each image's top-k texts
     s_i2t = dual.clone() - 1e4
-    top_t = dual.topk(kt, dim=1).indices  # (I, kt)
-    rows, cols = torch.arange(I, device=dev).repeat_interleave(kt), top_t.flatten()
+    top_t = dual.topk(kt, dim=1).indices  # (num_images, kt)
+    rows, cols = torch.arange(num_images, device=dev).repeat_interleave(kt), top_t.flatten()
     s_i2t[rows, cols] = fused(rows, cols)
     image_ids_t = torch.tensor(image_ids, device=dev)
     text_img_t = torch.tensor(text_img, device=dev)
@@ -246,33 +258,206 @@ def fast_caption_metrics(predictions: dict, references: dict) -> dict[str, float
     return {"Bleu_4": float(bleu[3]), "CIDEr": float(cider)}
 
 
-# --- task factories -----------------------------------------------------------------------------------------
+# --- the tasks on the DownstreamTask interface ----------------------------------------------------------------
 
 
-def downstream_task(
-    name: str,
-    train_set: Dataset,
-    eval_set: Dataset,
-    collate_fn: Callable | None,
-    batch_size: int,
-    decode: Callable[[Sequence[int]], str] | None = None,
-    caption_metrics_fn: Callable[[dict, dict], dict[str, float]] | None = None,
-) -> MapDatasetTask:
-    """A fine-tuning TrainTask for ``name`` in ("vqa", "nlvr2", "retrieval", "captioning")."""
-    losses = {"vqa": vqa_loss, "nlvr2": nlvr2_loss, "retrieval": retrieval_loss, "captioning": captioning_loss}
-    if name not in losses:
-        raise ValueError(f"task={name!r} is not supported; accepted values: {', '.join(losses)}")
-    if name == "vqa":
-        ev = lambda model: vqa_evaluate(model, eval_set, collate_fn, batch_size)  # noqa: E731
-    elif name == "nlvr2":
-        ev = lambda model: nlvr2_evaluate(model, eval_set, collate_fn, batch_size)  # noqa: E731
-    elif name == "retrieval":
-        ev = lambda model: retrieval_evaluate(model, eval_set, collate_fn, batch_size)  # noqa: E731
-    else:
-        if decode is None:
-            raise ValueError("captioning evaluation needs decode= (the tokenizer's id -> text function)")
-        ev = lambda model: captioning_evaluate(model, eval_set, collate_fn, batch_size, decode, metrics_fn=caption_metrics_fn)  # noqa: E731
-    return MapDatasetTask(train_set, collate_fn, batch_size, losses[name], eval_fn=ev)
+@dataclass
+class METERTaskOptions:
+    """Settings shared by METER's tasks."""
+
+    # False: training images get the evaluation transform (squash-resize), as the built-in data's texts name
+    # places and colours that crops and flips would change; True: the vision-language training views
+    train_augment: bool = False
 
 
-TASK_MODELS = {"vqa": METERForVQA, "nlvr2": METERForNLVR2, "retrieval": METERForRetrieval, "captioning": METERForCaptioning}
+@dataclass
+class METERRetrievalOptions(METERTaskOptions):
+    rerank_top_k: int = 8  # evaluation: fusion re-ranking of each query's top-k dual-encoder candidates
+    num_negatives: int = 3  # training: in-batch negatives per text for the ranking loss
+
+
+@dataclass
+class METERCaptioningOptions(METERTaskOptions):
+    max_gen_len: int = 20  # greedy decoding length
+    # True: BLEU-4/CIDEr with whitespace tokenisation (no JVM, see fast_caption_metrics); False: the COCO metrics
+    fast_metrics: bool = True
+
+
+def _meter_of(source: Any) -> METERModel:
+    """The METER model a head goes on: ``source`` itself, or the ``meter`` of a pretraining model."""
+    meter = source.meter if isinstance(source, METERForPretraining) else source
+    if not isinstance(meter, (METERModel, MeterConfig, str)):
+        raise TypeError("a METER task builds on a METERModel, a METERForPretraining, a MeterConfig or a preset name; "
+                        f"got {type(source).__name__}")
+    return meter
+
+
+class _METERTask:
+    """What METER's tasks share: training views (:class:`METERTaskOptions`), and the columns they give the study.
+
+    ``study_columns`` maps a key of :meth:`evaluate`'s result to a column of the METER study's table;
+    ``needs_decoder``: the task runs on encoder-decoder models only.
+    """
+
+    Options: ClassVar[type] = METERTaskOptions
+    study_columns: ClassVar[dict[str, str]] = {}
+    needs_decoder: ClassVar[bool] = False
+
+    def fits(self, meter: METERModel) -> bool:
+        """Whether the task runs on ``meter``'s architecture."""
+        return meter.encoder_decoder or not self.needs_decoder
+
+    def image_transform(self, split: str, data: DataSettings) -> Callable:
+        if split == "train" and self.options.train_augment:
+            return DownstreamTask.image_transform(self, split, data)  # type: ignore[arg-type]
+        return self.eval_transform(data.img_size)  # type: ignore[attr-defined]
+
+    def _eval(self, settings: EvalSettings | None) -> int:
+        return (settings or EvalSettings()).batch_size
+
+
+class METERVQA(_METERTask, VQAv2):
+    """VQAv2 on a METER model: pooled [text CLS ; image CLS] -> MLP over the answers; BCE x answers; VQA score."""
+
+    name, head = "vqa", "meter_vqa"
+    study_columns = {"vqa_score": "vqa_score"}
+
+    def build_model(self, source: Any, num_classes: int | None = None) -> nn.Module:
+        """source: the METER model (or pretraining model) the head goes on."""
+        if num_classes is None:
+            raise ValueError("METER VQA needs num_classes (the answer vocabulary's size)")
+        return METERForVQA(_meter_of(source), num_labels=num_classes)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        return vqa_loss(model, batch)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
+        return vqa_evaluate(model, dataset, self.collate, self._eval(settings))
+
+
+class METERNLVR2(_METERTask, NLVR2):
+    """NLVR2 on a METER model: the image pair's pooled features -> MLP -> true/false; accuracy (``nlvr2_acc``)."""
+
+    name, head = "nlvr2", "meter_nlvr2"
+    metric = "nlvr2_acc"
+    study_columns = {"nlvr2_acc": "nlvr2_acc"}
+
+    def build_model(self, source: Any, num_classes: int | None = None) -> nn.Module:
+        return METERForNLVR2(_meter_of(source))
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        return nlvr2_loss(model, batch)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
+        return nlvr2_evaluate(model, dataset, self.collate, self._eval(settings))
+
+
+class METERRetrieval(_METERTask, CocoRetrieval):
+    """Image-text retrieval on a METER model: ITC candidates re-ranked by the fusion encoder's ranking head;
+    recall both ways, headline ``average`` (re-ranked mean recall)."""
+
+    name, head = "retrieval", "meter_retrieval"
+    metric, metric_label = "average", "mean recall (re-ranked)"
+    Options = METERRetrievalOptions
+    zero_shot_from_pretraining = False
+    study_columns = {"ir_r@1": "ir_r@1", "tr_r@1": "tr_r@1", "average": "ret_avg", "dual_average": "ret_dual_avg"}
+
+    def build_model(self, source: Any, num_classes: int | None = None) -> nn.Module:
+        """source: a METER model, or a pretraining model whose ITM head (when trained with ITM) starts the ranking head."""
+        itm = source.itm_head if isinstance(source, METERForPretraining) and source.config.objectives.itm else None
+        return METERForRetrieval(_meter_of(source), itm_head=itm)
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        return retrieval_loss(model, batch, self.options.num_negatives)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
+        return retrieval_evaluate(model, dataset, self.collate, self._eval(settings), k=self.options.rerank_top_k)
+
+
+class METERCaptioning(_METERTask, CocoRetrieval):
+    """Captioning with METER's encoder-decoder, trained and scored on the retrieval index files (one caption per
+    item): teacher-forced next-token loss; greedy captions per distinct image, CIDEr and BLEU-4 against all its
+    captions."""
+
+    name, head = "captioning", "meter_captioning"
+    metric, metric_label = "cider", "CIDEr"
+    Options = METERCaptioningOptions
+    zero_shot_from_pretraining = False
+    needs_decoder = True
+    study_columns = {"cider": "cider", "bleu4": "bleu4"}
+
+    def build_model(self, source: Any, num_classes: int | None = None) -> nn.Module:
+        return METERForCaptioning(_meter_of(source))
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, dict[str, float]]:
+        return captioning_loss(model, batch)
+
+    def _metrics_fn(self) -> Callable[[dict, dict], dict[str, float]] | None:
+        return fast_caption_metrics if self.options.fast_metrics else None
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
+        decode = _tokenizer_of(dataset).decode
+        return captioning_evaluate(model, dataset, self.collate, self._eval(settings), decode, max_len=self.options.max_gen_len,
+                                   metrics_fn=self._metrics_fn())
+
+    def chance_level(self, train_set: Dataset, test_set: Dataset) -> float:
+        """CIDEr of a random training caption (one seeded draw) for each test image."""
+        import random
+
+        decode = _tokenizer_of(train_set).decode
+        captions = [decode(_item_ids(train_set, i)) for i in range(len(train_set))]
+        refs: dict[int, list[str]] = {}
+        for i in range(len(test_set)):
+            refs.setdefault(_item_image_id(test_set, i), []).append(decode(_item_ids(test_set, i)))
+        rng = random.Random(0)
+        preds = {iid: rng.choice(captions) for iid in refs}
+        return 100.0 * (self._metrics_fn() or caption_metrics)(preds, refs)["CIDEr"]
+
+
+def _base_dataset(dataset: Dataset) -> Dataset:
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return dataset
+
+
+def _tokenizer_of(dataset: Dataset) -> Any:
+    tok = getattr(_base_dataset(dataset), "tokenizer", None)
+    if tok is None:
+        raise ValueError("METER captioning needs a dataset built with a tokenizer (DataSettings.tokenizer) to decode captions")
+    return tok
+
+
+def _item(dataset: Dataset, i: int) -> dict[str, Any]:
+    if isinstance(dataset, Subset):
+        return _item(dataset.dataset, dataset.indices[i])
+    return dataset.items[i]
+
+
+def _item_ids(dataset: Dataset, i: int) -> list[int]:
+    seg = _item(dataset, i)["text_segment"]
+    return seg if isinstance(seg, list) else _tokenizer_of(dataset).text_to_ids(seg)
+
+
+def _item_image_id(dataset: Dataset, i: int) -> int:
+    return int(_item(dataset, i)["image_id"])
+
+
+# METER task name -> its class (the study's tasks and SNLI-VE)
+METER_TASKS: dict[str, type[DownstreamTask]] = {
+    "vqa": METERVQA,
+    "nlvr2": METERNLVR2,
+    "retrieval": METERRetrieval,
+    "captioning": METERCaptioning,
+    "snli_ve": SNLIVE,
+}
+
+
+def get_meter_task(name: str) -> type[DownstreamTask]:
+    """The class of METER's task ``name`` (a key of :data:`METER_TASKS`)."""
+    if name not in METER_TASKS:
+        raise KeyError(f"unknown METER task {name!r}; valid: {', '.join(METER_TASKS)}")
+    return METER_TASKS[name]
