@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) for the parts whose inputs are unbounded: the text tokenizer, both masking
-generators, the jsonl readers under random corruption, the VQA answer normaliser and the collate function.
+generators, the jsonl readers and tar shards under random corruption, the VQA answer normaliser and the collate function.
 
 Each property states what must hold for every input; hypothesis searches for a counterexample (few examples per
 test, so the suite stays fast; a failure prints the minimal input).
@@ -7,8 +7,10 @@ test, so the suite stays fast; a failure prints the minimal input).
 
 from __future__ import annotations
 
+import io
 import json
 import random
+import tarfile
 import warnings
 
 import numpy as np
@@ -16,11 +18,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 
 from multiway.data.index_dataset import collate_batch
 from multiway.data.io import DataErrors, read_jsonl
 from multiway.data.masking import IGNORE_INDEX, BlockMaskingGenerator, mask_captioning, mask_text
-from multiway.data.streams import TextStream
+from multiway.data.streams import PairStream, TextStream
 from multiway.downstream.metrics import normalize_vqa_answer
 from multiway.tokenizers.text import TextTokenizer, train_text_tokenizer
 
@@ -284,3 +287,38 @@ def test_collate_batch_keeps_values_and_counts_skips(kinds, rows, seed):
             assert got.dtype == (torch.long if all(type(x) is int for x in flat) else torch.float32)
         else:
             assert got == values
+
+
+# --- tar shards under random damage ---------------------------------------------------------------------
+
+
+def _shard(n: int) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for i in range(n):
+            png = io.BytesIO()
+            Image.new("RGB", (8, 8), (30 * i % 256, 0, 0)).save(png, format="PNG")
+            for ext, data in (("png", png.getvalue()), ("txt", f"a red square {i}".encode())):
+                info = tarfile.TarInfo(f"s_{i:04d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@FAST
+@given(n=st.integers(1, 5), cut=st.floats(0, 1), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), max_size=3))
+def test_damaged_tar_shard_never_crashes_a_stream(tokenizer, tmp_path_factory, n, cut, flips):
+    data = bytearray(_shard(n))
+    for where, xor in flips:
+        data[int(where * (len(data) - 1))] ^= xor
+    path = tmp_path_factory.mktemp("tar") / "shard.tar"
+    path.write_bytes(bytes(data[: max(1, int(cut * len(data)))]))
+    stream = PairStream(path, transform=None, tokenizer=tokenizer, max_len=12, on_error="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        samples = list(stream)
+    assert len(samples) <= n
+    for s in samples:  # what comes through is a whole sample
+        assert s["image"].shape == (3, 8, 8) and s["language_tokens"].shape == (12,)
+    if not flips and cut == 1:
+        assert len(samples) == n and stream.errors.count == 0
