@@ -43,8 +43,11 @@ def model_name(size: str, task: str) -> str:
 def make_batch(task: str, cfg, batch: int, text_len: int, num_answers: int, device: torch.device) -> dict:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(4, cfg.vocab_size, (batch, text_len), generator=g)
-    out = {"image": torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g), "language_tokens": ids,
-           "padding_mask": torch.zeros_like(ids)}
+    out = {
+        "image": torch.randn(batch, 3, cfg.img_size, cfg.img_size, generator=g),
+        "language_tokens": ids,
+        "padding_mask": torch.zeros_like(ids),
+    }
     if task == "vqav2":  # soft scores over the answer vocabulary, a few answers per question
         labels = torch.zeros(batch, num_answers)
         labels.scatter_(1, torch.randint(0, num_answers, (batch, 3), generator=g), torch.tensor([1.0, 0.6, 0.3]).expand(batch, 3))
@@ -98,22 +101,43 @@ def main(argv: list[str] | None = None) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sec = bench(forward, opt, spec, batch, device, amp, args.steps, args.warmup)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        rows.append({"task": task, "model": model_name(args.size, task), "img_size": model.config.img_size,
-                     "text_len": text_len, "batch": batches[task], "step_ms": sec * 1e3,
-                     "samples_per_s": batches[task] / sec, "peak_mem_gib": peak,
-                     "params": sum(p.numel() for p in model.parameters())})
+        peak = (
+            torch.cuda.max_memory_allocated() / 2**30
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        )
+        rows.append(
+            {
+                "task": task,
+                "model": model_name(args.size, task),
+                "img_size": model.config.img_size,
+                "text_len": text_len,
+                "batch": batches[task],
+                "step_ms": sec * 1e3,
+                "samples_per_s": batches[task] / sec,
+                "peak_mem_gib": peak,
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+        )
         del model, opt, forward, batch
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "precision": "bf16 autocast" if amp else "fp32", "torch": torch.__version__,
-           "grad_checkpointing": args.grad_checkpointing, "compile": args.compile,
-           "peak_mem_note": "CUDA max_memory_allocated" if device.type == "cuda" else "process max RSS (whole process)"}
+    env = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "precision": "bf16 autocast" if amp else "fp32",
+        "torch": torch.__version__,
+        "grad_checkpointing": args.grad_checkpointing,
+        "compile": args.compile,
+        "peak_mem_note": "CUDA max_memory_allocated" if device.type == "cuda" else "process max RSS (whole process)",
+    }
     print(f"fine-tuning steps on {env['device']} ({env['precision']}, {env['threads']} threads)")
     print(f"{'task':<15} {'model':<34} {'px':>4} {'batch':>5} {'ms/step':>9} {'samples/s':>10} {'peak GiB':>8}")
     for r in rows:
-        print(f"{r['task']:<15} {r['model']:<34} {r['img_size']:>4} {r['batch']:>5} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.2f} {r['peak_mem_gib']:>8.2f}")
+        print(
+            f"{r['task']:<15} {r['model']:<34} {r['img_size']:>4} {r['batch']:>5} {r['step_ms']:>9.1f} "
+            f"{r['samples_per_s']:>10.2f} {r['peak_mem_gib']:>8.2f}"
+        )
     out = Path(args.out or f"benchmarks/results/finetune_step_{args.size}_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {"env": env, "rows": rows}

@@ -56,7 +56,7 @@ def step_flops(cfg, streams: dict, codebook: int) -> float:
     per_token_layer = 4 * D * D + 2 * D * F  # one expert: q, k, v, out + fc1, fc2 (norms/biases negligible)
     patch = 3 * cfg.patch_size**2 * D
     total = 0.0
-    for name, s in streams.items():
+    for s in streams.values():
         B = (s.get("text_ids") if "text_ids" in s else s["image"]).shape[0]
         n_img = cfg.num_vision_tokens if "image" in s else 0
         n_txt = s["text_ids"].shape[1] if "text_ids" in s else 0
@@ -93,7 +93,9 @@ def main() -> None:
     device = torch.device(args.device)
     amp = device.type == "cuda"
     peak = args.peak_tflops or (989.0 if device.type == "cuda" else None)
-    model = multiway.create_model(f"{args.model}_pretraining", codebook_size=args.codebook, grad_checkpointing=args.grad_checkpointing).to(device)
+    model = multiway.create_model(f"{args.model}_pretraining", codebook_size=args.codebook, grad_checkpointing=args.grad_checkpointing).to(
+        device
+    )
     cfg = model.config
     opt = torch.optim.AdamW(param_groups(model), lr=1e-4, betas=(0.9, 0.98), eps=1e-6, **({"fused": True} if amp else {}))
     fwd = torch.compile(model) if args.compile else model
@@ -105,25 +107,50 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats()
         sec = bench(fwd, opt, batch, device, amp, args.steps, args.warmup)
         samples = args.batch * len(streams)
-        tokens = sum(args.batch * ((cfg.num_vision_tokens if "image" in s else 0) + (args.text_len if "text_ids" in s else 0)) for s in batch.values())
+        tokens = sum(
+            args.batch * ((cfg.num_vision_tokens if "image" in s else 0) + (args.text_len if "text_ids" in s else 0))
+            for s in batch.values()
+        )
         flops = step_flops(cfg, batch, args.codebook)
-        peak_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-        rows.append({
-            "stream": name, "batch": samples, "step_ms": sec * 1e3, "samples_per_s": samples / sec, "tokens_per_s": tokens / sec,
-            "tflops_per_s": flops / sec / 1e12, "mfu": (flops / sec / 1e12 / peak) if peak else None, "peak_mem_gib": peak_mem,
-        })
+        peak_mem = (
+            torch.cuda.max_memory_allocated() / 2**30
+            if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        )
+        rows.append(
+            {
+                "stream": name,
+                "batch": samples,
+                "step_ms": sec * 1e3,
+                "samples_per_s": samples / sec,
+                "tokens_per_s": tokens / sec,
+                "tflops_per_s": flops / sec / 1e12,
+                "mfu": (flops / sec / 1e12 / peak) if peak else None,
+                "peak_mem_gib": peak_mem,
+            }
+        )
     env = {
-        "model": args.model, "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "precision": "bf16 autocast" if amp else "fp32", "torch": torch.__version__,
-        "params": sum(p.numel() for p in model.parameters()), "text_len": args.text_len, "codebook": args.codebook,
-        "grad_checkpointing": args.grad_checkpointing, "compile": args.compile, "peak_tflops": peak,
+        "model": args.model,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "precision": "bf16 autocast" if amp else "fp32",
+        "torch": torch.__version__,
+        "params": sum(p.numel() for p in model.parameters()),
+        "text_len": args.text_len,
+        "codebook": args.codebook,
+        "grad_checkpointing": args.grad_checkpointing,
+        "compile": args.compile,
+        "peak_tflops": peak,
         "peak_mem_note": "CUDA max_memory_allocated" if device.type == "cuda" else "process max RSS (whole process)",
     }
     print(f"{args.model} on {env['device']} ({env['precision']}, {env['threads']} threads), {env['params'] / 1e6:.2f}M params")
     print(f"{'stream':<7} {'batch':>5} {'ms/step':>9} {'samples/s':>10} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>8}")
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
-        print(f"{r['stream']:<7} {r['batch']:>5} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} {r['tflops_per_s']:>8.4f} {mfu:>6} {r['peak_mem_gib']:>8.2f}")
+        print(
+            f"{r['stream']:<7} {r['batch']:>5} {r['step_ms']:>9.1f} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} "
+            f"{r['tflops_per_s']:>8.4f} {mfu:>6} {r['peak_mem_gib']:>8.2f}"
+        )
     out = Path(args.out or f"benchmarks/results/pretrain_step_{args.model}_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"env": env, "rows": rows}, indent=1))

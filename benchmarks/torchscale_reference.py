@@ -25,10 +25,20 @@ def main(out: str) -> None:
     torch.manual_seed(SEED)
     c = CONFIG
     args = EncoderConfig(
-        vocab_size=c["vocab_size"], multiway=True, layernorm_embedding=False, normalize_output=True, no_output_layer=True,
-        encoder_embed_dim=c["embed_dim"], encoder_attention_heads=c["num_heads"], encoder_ffn_embed_dim=c["ffn_dim"],
-        encoder_layers=c["depth"], img_size=c["img_size"], patch_size=c["patch_size"], in_chans=3,
-        max_source_positions=c["max_text_positions"], drop_path_rate=0.0,
+        vocab_size=c["vocab_size"],
+        multiway=True,
+        layernorm_embedding=False,
+        normalize_output=True,
+        no_output_layer=True,
+        encoder_embed_dim=c["embed_dim"],
+        encoder_attention_heads=c["num_heads"],
+        encoder_ffn_embed_dim=c["ffn_dim"],
+        encoder_layers=c["depth"],
+        img_size=c["img_size"],
+        patch_size=c["patch_size"],
+        in_chans=3,
+        max_source_positions=c["max_text_positions"],
+        drop_path_rate=0.0,
     )
     model = BEiT3(args).eval()
     with torch.no_grad():  # non-trivial LayerNorm affine parameters, so routing mistakes show
@@ -56,7 +66,9 @@ def main(out: str) -> None:
             "vision_masked": model(textual_tokens=None, visual_tokens=image, vision_masked_position=masked)["encoder_out"],
             "text_only": model(textual_tokens=ids, visual_tokens=None, text_padding_position=pad)["encoder_out"],
             "fused": model(textual_tokens=ids, visual_tokens=image, text_padding_position=pad)["encoder_out"],
-            "fused_seq2seq": model(textual_tokens=ids, visual_tokens=image, text_padding_position=pad, attn_mask=1 - allowed)["encoder_out"],
+            "fused_seq2seq": model(textual_tokens=ids, visual_tokens=image, text_padding_position=pad, attn_mask=1 - allowed)[
+                "encoder_out"
+            ],
         }
     tensors = {f"state_dict.{k}": v.contiguous() for k, v in model.state_dict().items()}
     tensors.update({"input.image": image, "input.text_ids": ids, "input.padding_mask": pad, "input.image_masked": masked})

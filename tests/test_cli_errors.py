@@ -14,7 +14,9 @@ def run(argv, capsys):
 
 
 def test_missing_checkpoint_file(tmp_path, capsys):
-    code, err = run(["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors"), "--model", "beit3_tiny_patch8_32"], capsys)
+    code, err = run(
+        ["convert", str(tmp_path / "missing.pth"), str(tmp_path / "out.safetensors"), "--model", "beit3_tiny_patch8_32"], capsys
+    )
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and "missing.pth" in err[0]
 
 

@@ -70,16 +70,26 @@ def test_retrieval_inference_and_loss():
 @torch.no_grad()
 def test_captioning_masked_lm_and_two_decoding_steps():
     model, i, o = build("captioning")
-    logits, _ = model(image=i["image"], text_ids=i["text_ids"], padding_mask=i["padding_mask"], language_masked_pos=i["language_masked_pos"])
+    logits, _ = model(
+        image=i["image"], text_ids=i["text_ids"], padding_mask=i["padding_mask"], language_masked_pos=i["language_masked_pos"]
+    )
     close(logits, o["masked_logits"])
     # Official protocol (golden/README.md): step 1 image + [<s>, <mask>], drop the <mask> K/V, step 2 text only.
     state = {}
-    step1, state = model(image=i["image"], text_ids=i["decode_step1_ids"], padding_mask=torch.zeros_like(i["decode_step1_ids"]),
-                         language_masked_pos=None, text_len=2, incremental_state=state)
+    step1, state = model(
+        image=i["image"],
+        text_ids=i["decode_step1_ids"],
+        padding_mask=torch.zeros_like(i["decode_step1_ids"]),
+        language_masked_pos=None,
+        text_len=2,
+        incremental_state=state,
+    )
     close(step1, o["decode_step1_logits"])
     for layer in state.values():
         layer["prev_key"], layer["prev_value"] = layer["prev_key"][:, :, :-1], layer["prev_value"][:, :, :-1]
-    step2, _ = model(image=None, text_ids=i["decode_step2_ids"], padding_mask=None, language_masked_pos=None, text_len=3, incremental_state=state)
+    step2, _ = model(
+        image=None, text_ids=i["decode_step2_ids"], padding_mask=None, language_masked_pos=None, text_len=3, incremental_state=state
+    )
     close(step2, o["decode_step2_logits"])
 
 

@@ -48,7 +48,12 @@ def collate(items: list[dict]) -> dict:
     tokens = torch.stack([x["tokens"] for x in items])
     imask = torch.stack([x["imask"] for x in items])
     return {
-        "text": {"text_ids": ids.masked_fill(tmask, 3), "padding_mask": torch.zeros_like(ids), "text_masked_positions": tmask, "text_targets": ids[tmask]},
+        "text": {
+            "text_ids": ids.masked_fill(tmask, 3),
+            "padding_mask": torch.zeros_like(ids),
+            "text_masked_positions": tmask,
+            "text_targets": ids[tmask],
+        },
         "image": {"image": torch.stack([x["image"] for x in items]), "image_masked_positions": imask, "image_targets": tokens[imask]},
         "index": torch.tensor([x["i"] for x in items]),
         # the same items as image-text pairs, for the contrastive loss (unmasked ids)
