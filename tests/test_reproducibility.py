@@ -83,3 +83,21 @@ def test_parse_seeds_names_bad_input(text):
     with pytest.raises(ValueError, match="--seeds expects"):
         parse_seeds(text)
     assert parse_seeds("0, 1,2") == [0, 1, 2]
+
+
+def test_quickstart_seeds_runs_each_seed_in_its_folder(tmp_path, monkeypatch, capsys):
+    import multiway.downstream.quickstart_seeds as QS
+
+    calls = []
+
+    def fake_quickstart(out_dir, seed, config):
+        calls.append((out_dir, seed, config))
+        return [Row("vqav2", "VQA score", 60.0 + seed, 50.0, 4.0)]
+
+    monkeypatch.setattr(QS, "quickstart", fake_quickstart)
+    summary = QS.quickstart_seeds([0, 2], out_dir=tmp_path, config="cfg.yaml")
+    assert [(Path(o).name, s, c) for o, s, c in calls] == [("seed_0", 0, "cfg.yaml"), ("seed_2", 2, "cfg.yaml")]
+    assert summary[0].pretrained == pytest.approx((61.0, math.sqrt(2)))
+    assert "| vqav2 | VQA score | 61.0 ± 1.4 | 50.0 ± 0.0 | 11.0 ± 1.4 | 4.0 ± 0.0 |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "results_seeds.json").read_text())
+    assert saved["seeds"] == [0, 2] and (tmp_path / "results_seeds.md").read_text().startswith("| task |")
