@@ -267,8 +267,8 @@ def test_cli_builds_indexes_and_trains_a_tokenizer(tmp_path):
     assert main(["data", "index", "imagenet", str(tmp_path / "inet")]) == 0
     assert len(_read(tmp_path / "inet" / "imagenet.train.index.jsonl")) == 2
     (tmp_path / "c.txt").write_text("\n".join(["a red square and a blue circle"] * 20))
-    assert main(["tokenizer", "train", str(tmp_path / "c.txt"), "--out", str(tmp_path / "t"), "--vocab-size", "30",
-                 "--soft-vocab-limit"]) == 0
+    assert main(["tokenizer", "train", "--corpus", str(tmp_path / "c.txt"), "--out", str(tmp_path / "t"), "vocab_size=30",
+                 "hard_vocab_limit=false"]) == 0
     assert main(["data", "index", "nlvr2", str(tmp_path), "--nlvr-dir", str(FIX / "raw" / "nlvr"),
                  "--tokenizer", str(tmp_path / "t.model")]) == 0
     assert len(_read(tmp_path / "nlvr2.train.index.jsonl")) == 2

@@ -14,20 +14,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-from ..config import from_dict, read_yaml_mapping, set_dotted, to_dict, to_yaml
+from ..config import check_literals, from_dict, read_yaml_mapping, set_dotted, to_dict, to_yaml
 
-VISION_KINDS = ("timm", "multiway")
-TEXT_KINDS = ("hf", "embedding")
-FUSION_KINDS = ("co_attention", "merged_attention")
-ARCHITECTURES = ("encoder_only", "encoder_decoder")
-IMAGE_POOLINGS = ("prepend_mean", "fused_mean")
-
-
-def _check_choice(option: str, value: Any, accepted: tuple[str, ...]) -> None:
-    if value not in accepted:
-        raise ValueError(f"{option}={value!r} is not supported; accepted values: {', '.join(map(repr, accepted))}")
+VisionKind = Literal["timm", "multiway"]
+TextKind = Literal["hf", "embedding"]
+FusionKind = Literal["co_attention", "merged_attention"]
+Architecture = Literal["encoder_only", "encoder_decoder"]
+ImagePooling = Literal["prepend_mean", "fused_mean"]
+MimTarget = Literal["pixel", "vqkd"]
+VISION_KINDS, TEXT_KINDS, FUSION_KINDS = get_args(VisionKind), get_args(TextKind), get_args(FusionKind)
+ARCHITECTURES, IMAGE_POOLINGS = get_args(Architecture), get_args(ImagePooling)
 
 
 @dataclass
@@ -42,14 +40,14 @@ class VisionEncoderConfig:
     (vision experts only) is the encoder; ``weights`` is a multiway/official BEiT-3 checkpoint.
     """
 
-    kind: str = "timm"
+    kind: VisionKind = "timm"
     name: str = "vit_base_patch16_clip_224"
     img_size: int = 224
     weights: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_choice("vision.kind", self.kind, VISION_KINDS)
+        check_literals(self, "vision")
 
 
 @dataclass
@@ -64,7 +62,7 @@ class TextEncoderConfig:
     ``vocab_size`` is the tokenizer's id count; T5-style sentinels are appended after it by the model.
     """
 
-    kind: str = "hf"
+    kind: TextKind = "hf"
     name: str = "roberta"
     pretrained: str | None = None
     vocab_size: int = 50265
@@ -73,14 +71,14 @@ class TextEncoderConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_choice("text.kind", self.kind, TEXT_KINDS)
+        check_literals(self, "text")
 
 
 @dataclass
 class FusionConfig:
     """The fusion module. Paper default: co-attention, 6 layers, width 768, 12 heads, FFN 3072."""
 
-    kind: str = "co_attention"
+    kind: FusionKind = "co_attention"
     depth: int = 6
     width: int = 768
     num_heads: int = 12
@@ -94,7 +92,7 @@ class FusionConfig:
     layer_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        _check_choice("fusion.kind", self.kind, FUSION_KINDS)
+        check_literals(self, "fusion")
         if self.width % self.num_heads:
             raise ValueError(
                 f"fusion.width={self.width} is not divisible by fusion.num_heads={self.num_heads}; "
@@ -135,11 +133,11 @@ class ObjectiveConfig:
     itm_hard_negatives: bool = False  # sample ITM negatives from in-batch ITC similarities (adds the ITC loss)
     itc_weight: float = 1.0
     mim_ratio: float = 0.4
-    mim_target: str = "pixel"  # "pixel" (masked-patch regression) | "vqkd" (visual tokens from a VQ-KD tokenizer)
+    mim_target: MimTarget = "pixel"  # "pixel" (masked-patch regression) | "vqkd" (visual tokens from a VQ-KD tokenizer)
     vqkd_tokenizer: str | None = None  # local VQ-KD checkpoint for mim_target="vqkd"
 
     def __post_init__(self) -> None:
-        _check_choice("objectives.mim_target", self.mim_target, ("pixel", "vqkd"))
+        check_literals(self, "objectives")
 
     @property
     def enabled(self) -> tuple[str, ...]:
@@ -164,7 +162,7 @@ class MeterConfig:
     vision: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    architecture: str = "encoder_only"
+    architecture: Architecture = "encoder_only"
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     objectives: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -174,15 +172,14 @@ class MeterConfig:
     # Image encoders without a CLS token (Swin): "prepend_mean" puts the mean of the encoder's tokens in front of
     # the grid before fusion; "fused_mean" (METER's code) fuses the grid alone and pools the mean of the fused
     # image tokens.
-    image_pooling: str = "prepend_mean"
+    image_pooling: ImagePooling = "prepend_mean"
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
             value = getattr(self, name)
             if isinstance(value, dict):
                 setattr(self, name, from_dict(cls, value, name))
-        _check_choice("architecture", self.architecture, ARCHITECTURES)
-        _check_choice("image_pooling", self.image_pooling, IMAGE_POOLINGS)
+        check_literals(self)
         if self.fusion.width % self.decoder.num_heads:
             raise ValueError(
                 f"fusion.width={self.fusion.width} is not divisible by decoder.num_heads={self.decoder.num_heads}; "
