@@ -31,11 +31,12 @@ _FINETUNE_FLAGS = {"data_dir": "data_dir", "out_dir": "out_dir", "init": "model.
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from .finetune import FinetuneConfig, finetune
+    from .finetune import FinetuneConfig, check_model_size, finetune
 
     cfg = config_from_args(FinetuneConfig, args, base={"task": args.task}, updates=_updates(args, _FINETUNE_FLAGS))
     if cfg.task != args.task:
         raise SystemExit(f"{args.config} is a {cfg.task} config but the command says {args.task}")
+    check_model_size(cfg, config_given=bool(args.config), allow_large=args.allow_large)
     print(json.dumps(finetune(cfg), indent=2))
     return 0
 
@@ -98,6 +99,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="SentencePiece model (beit3.spm or your own)")
     p.add_argument("--model", help="model.preset, e.g. beit3_base_patch16_480")
     p.add_argument("--batch-size", dest="batch_size", type=int)
+    p.add_argument("--allow-large", dest="allow_large", action="store_true",
+                   help="without --config, build a >= 200M-parameter model on a CPU anyway (refused otherwise)")
     p.set_defaults(func=_finetune)
 
     p = subparsers.add_parser("evaluate", help="evaluate a fine-tuned model with the task's standard metric (writes eval_<split>.json)")

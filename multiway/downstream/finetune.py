@@ -127,6 +127,38 @@ def load_tokenizer(path: str | None) -> Any:
     return TextTokenizer(path)
 
 
+#: a fine-tune that would build a backbone this large on a CPU without a config is refused (see check_model_size)
+LARGE_MODEL_PARAMS = 200_000_000
+
+
+def backbone_parameters(cfg: FinetuneConfig) -> int:
+    """Parameters of the configured backbone (``model.preset`` with its overrides), counted on the meta device."""
+    import torch
+
+    from ..model.config import get_config
+    from ..model.multiway import MultiwayTransformer
+
+    with torch.device("meta"):
+        backbone = MultiwayTransformer(get_config(cfg.model.preset, **cfg.model.config_overrides()))
+    return sum(p.numel() for p in backbone.parameters())
+
+
+def check_model_size(cfg: FinetuneConfig, config_given: bool, allow_large: bool = False) -> None:
+    """Refuse a fine-tune without a config (``--config``) that would build a >= 200M-parameter model on a machine
+    without a GPU: the default preset is the paper's base model, far too slow for a laptop. ``allow_large`` (the
+    ``--allow-large`` flag) or a GPU lets it run."""
+    import torch
+
+    if config_given or allow_large or torch.cuda.is_available():
+        return
+    params = backbone_parameters(cfg)
+    if params >= LARGE_MODEL_PARAMS:
+        raise ValueError(
+            f"finetune {cfg.task} without --config would build {cfg.model.preset} ({params / 1e6:.0f}M parameters) on a CPU; "
+            f"pass --config configs/finetune_tiny_{cfg.task}.yaml (or a recipe of configs/), or a small model with "
+            f"model.preset=beit3_tiny_patch8_32, or --allow-large to run it anyway")
+
+
 def build_task_model(task: DownstreamTask, cfg: FinetuneConfig, num_classes: int | None) -> nn.Module:
     """The task's model on ``cfg.model`` (preset + overrides), initialised from ``cfg.model.init`` (or from scratch)."""
     model = task.build_model({"preset": cfg.model.preset, **cfg.model.config_overrides()}, num_classes)
@@ -203,4 +235,5 @@ def write_task_json(out: Path, cfg: FinetuneConfig, task: DownstreamTask, train_
     (out / "task.json").write_text(json.dumps(meta, indent=2))
 
 
-__all__ = ["FinetuneConfig", "FinetuneTrainConfig", "ModelSection", "build_task_model", "finetune", "load_tokenizer", "write_task_json"]
+__all__ = ["LARGE_MODEL_PARAMS", "FinetuneConfig", "FinetuneTrainConfig", "ModelSection", "backbone_parameters", "build_task_model",
+           "check_model_size", "finetune", "load_tokenizer", "task_file_metadata", "write_task_json"]

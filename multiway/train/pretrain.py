@@ -65,9 +65,10 @@ class PretrainConfig:
     model: str = "beit3_tiny_patch8_32"  # a preset name (multiway.PRESETS)
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"drop_path_rate": 0.1})  # MultiwayConfig fields
     text_tokenizer: str = "shapes.spm"  # relative to data.dir
-    visual_tokenizer: str | None = None  # VQ-KD .safetensors; None = train a tiny one with the pixels teacher (cached)
+    visual_tokenizer: str | None = None  # VQ-KD .safetensors, relative to data.dir; None = train a tiny one (cached)
     vqkd_preset: str = "vqkd_tiny_patch8_32"  # the VQ-KD trained when visual_tokenizer is None
     vqkd_steps: int = 300  # its training steps
+    vqkd_images: int = 4096  # at most this many images of data.image (else data.pair) train it
     # "online": visual tokens computed on the training device; "precomputed": read from the shards
     visual_tokens: Literal["online", "precomputed"] = "online"
     # per rank and micro-batch, by stream (text, image, pair); paper: 2048 each
@@ -365,17 +366,63 @@ class PretrainTask:
 # --- entry point ----------------------------------------------------------------------------------------
 
 
+class _StreamImages(torch.utils.data.Dataset):
+    """Images read once from a pretraining image source (tar shards, a folder, jsonl with ``image_path``), kept as
+    (3, S, S) tensors in [0, 1]; each read is a random resized crop with a flip (VQ-KD's training view)."""
+
+    def __init__(self, source: str | list[str], img_size: int, max_images: int, min_crop_scale: float = 0.5) -> None:
+        from torchvision.transforms import v2
+
+        from multiway.data.streams import ImageStream
+
+        resize = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                             v2.ToDtype(torch.float32, scale=True)])
+        self.images: list[Tensor] = []
+        for sample in ImageStream(source, transform=resize, on_error="skip"):
+            self.images.append(sample["image"])
+            if len(self.images) >= max_images:
+                break
+        if not self.images:
+            raise FileNotFoundError(f"VQ-KD auto-training: no readable image in {source} (data.image / data.pair)")
+        self.augment = v2.Compose([v2.RandomResizedCrop(img_size, scale=(min_crop_scale, 1.0), antialias=True,
+                                                        interpolation=v2.InterpolationMode.BICUBIC), v2.RandomHorizontalFlip()])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.augment(self.images[i])
+
+
+def resolve_path(root: Path, path: str) -> Path:
+    """A config path: absolute as given, relative against the data folder ``root`` (``data.dir``)."""
+    return Path(path) if Path(path).is_absolute() else root / path
+
+
 def ensure_visual_tokenizer(cfg: PretrainConfig) -> Path:
-    """The VQ-KD file to use: ``cfg.visual_tokenizer``, or a tiny one trained with the pixels teacher (cached)."""
+    """The VQ-KD file to use: ``cfg.visual_tokenizer`` (relative to ``data.dir``), or a tiny one trained with the
+    pixels teacher on the configured image stream (``data.image``, else the images of ``data.pair``), cached in
+    ``data.dir``."""
+    root = Path(cfg.data.dir)
     if cfg.visual_tokenizer:
-        return Path(cfg.visual_tokenizer)
+        path = resolve_path(root, cfg.visual_tokenizer)
+        if not path.is_file():
+            raise FileNotFoundError(f"visual_tokenizer: {path} not found (relative paths are read from data.dir = {root})")
+        return path
+    from multiway.tokenizers.vqkd import VQKD_PRESETS
     from multiway.tokenizers.vqkd_training import train_visual_tokenizer
 
-    root = Path(cfg.data.dir)
+    source = cfg.data.image if cfg.data.image is not None else cfg.data.pair
+    if source is None:
+        raise ValueError("visual_tokenizer is empty and there is no image stream to train one on: set visual_tokenizer= "
+                         "(a VQ-KD .safetensors) or data.image=")
     path = root / f"vqkd_{cfg.vqkd_preset}_pixels_{cfg.vqkd_steps}.safetensors"
     if not path.is_file():
-        images = root / "images" / "train"
-        logger.info("training a %s visual tokenizer (pixels teacher, %d steps) on %s", cfg.vqkd_preset, cfg.vqkd_steps, images)
+        if cfg.vqkd_preset not in VQKD_PRESETS:
+            raise KeyError(f"vqkd_preset: unknown {cfg.vqkd_preset!r}; presets: {', '.join(VQKD_PRESETS)}")
+        images = _StreamImages(_resolve(root, source), VQKD_PRESETS[cfg.vqkd_preset].img_size, cfg.vqkd_images)
+        logger.info("training a %s visual tokenizer (pixels teacher, %d steps) on %d images of %s", cfg.vqkd_preset, cfg.vqkd_steps,
+                    len(images), source)
         metrics = train_visual_tokenizer(images, path, preset=cfg.vqkd_preset, teacher="pixels", steps=cfg.vqkd_steps,
                                          num_workers=0, seed=0, progress=cfg.train.progress)
         logger.info("visual tokenizer: %s", json.dumps({k: v for k, v in metrics.items() if k != "path"}))
@@ -391,9 +438,12 @@ def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict[str, float]:
     if cfg.data.builtin and not (root / "manifest.json").is_file():
         from multiway.data.shapes import generate_synthetic_dataset
 
+        if root.is_dir() and any(root.iterdir()):
+            raise ValueError(f"data.dir={root} holds files but no manifest.json of the built-in data: data.builtin=true only "
+                             "generates into a new or empty folder; set data.builtin=false to train on your data there, "
+                             "or point data.dir at a new folder")
         generate_synthetic_dataset(root, num_images=cfg.data.builtin_num_images, progress=cfg.train.progress)
-    tok_path = Path(cfg.text_tokenizer)
-    tok = TextTokenizer(tok_path if tok_path.is_absolute() else root / tok_path)
+    tok = TextTokenizer(resolve_path(root, cfg.text_tokenizer))
     vqkd = None
     if cfg.visual_tokens == "online" and cfg.batch.get("image", 0) + (cfg.batch.get("pair", 0) if cfg.pair_image_mask_ratio > 0 else 0) > 0:
         vqkd = load_vqkd(ensure_visual_tokenizer(cfg))
