@@ -196,3 +196,41 @@ def test_no_branching_on_task_or_head_names_outside_the_task_modules():
         assert runner not in found, f"{runner} branches on task names: {found.get(runner)}"
     unexplained = {rel: hits for rel, hits in found.items() if rel not in KNOWN_BRANCHES}
     assert not unexplained, f"branches on task/head names outside the task modules (move them into the task class): {unexplained}"
+
+
+# --- the commands: key=value overrides and --print-config -------------------------------------------------------
+
+
+def test_finetune_evaluate_quickstart_take_overrides_and_print_config(capsys):
+    import yaml
+
+    from multiway.cli import main
+
+    def printed(argv):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 0
+        return yaml.safe_load(capsys.readouterr().out)
+
+    cfg = printed(["finetune", "vqav2", "--config", "configs/finetune_vqav2_base.yaml", "train.lr=2e-4", "model.drop_path_rate=0.1",
+                   "--data-dir", "data/vqa", "options={}", "--print-config"])
+    assert cfg["train"]["lr"] == 2e-4 and cfg["model"]["drop_path_rate"] == 0.1 and cfg["data_dir"] == "data/vqa"
+    assert cfg["model"]["preset"] == "beit3_base_patch16_480" and cfg["train"]["head_lr_scale"] == 20.0
+    assert main(["finetune", "vqav2", "--config", "configs/finetune_vqav2_base.yaml", "train.lrr=1", "--data-dir", "d"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown key 'train.lrr'" in err and "'lr'" in err and "'warmup_steps'" in err
+    assert main(["finetune", "vqav2", "--config", "configs/finetune_vqav2_base.yaml", "model.drop_path=0.1", "--data-dir", "d"]) == 2
+    assert "valid keys of model" in capsys.readouterr().err
+
+    cfg = printed(["evaluate", "--model", "runs/x", "split=test", "options.num_beams=1", "--print-config"])
+    assert cfg["model"] == "runs/x" and cfg["split"] == "test" and cfg["options"] == {"num_beams": 1}
+    assert main(["evaluate", "--model", "runs/x", "spilt=test"]) == 2
+    assert "unknown key 'spilt'" in capsys.readouterr().err
+
+    cfg = printed(["quickstart", "--fast", "tasks.vqav2.steps=9", "pretrain_steps=3", "--print-config"])
+    assert cfg["tasks"]["vqav2"]["steps"] == 9 and cfg["tasks"]["vqav2"]["lr"] == 1e-3 and cfg["pretrain_steps"] == 3
+    assert cfg["num_images"] == 160  # the fast preset under the overrides
+    assert main(["quickstart", "tasks.vqav2.stepz=9"]) == 2
+    assert "unknown key 'tasks.vqav2.stepz'" in capsys.readouterr().err
+    assert main(["quickstart", "tasks.vqa3.steps=9"]) == 2
+    assert "unknown quickstart task(s) ['vqa3']" in capsys.readouterr().err

@@ -84,7 +84,8 @@ class QuickstartConfig:
     text_train_per_class: int | None = 8
     # fine-tuning
     max_text_len: int = 24
-    tasks: dict[str, TaskPlan] = field(default_factory=dict)  # official task name -> its plan, in table order
+    # official task name -> its TaskPlan (a mapping of TaskPlan fields in YAML), in table order
+    tasks: dict[str, Any] = field(default_factory=dict)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -93,6 +94,10 @@ class QuickstartConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown:
             raise ValueError(f"unknown quickstart task(s) {unknown}; valid tasks: {', '.join(TASKS)}")
+        self.tasks = {name: plan if isinstance(plan, TaskPlan) else from_dict(TaskPlan, plan, where=f"tasks.{name}")
+                      for name, plan in self.tasks.items()}
+        for name, plan in self.tasks.items():  # each plan's options are its task's own fields
+            TASKS[name].make_options(plan.options, where=f"tasks.{name}.options")
 
     @staticmethod
     def preset_dict(name: str = "full") -> dict[str, Any]:

@@ -145,9 +145,9 @@ class DownstreamTask(abc.ABC):
         self.options = self.make_options(options)
 
     @classmethod
-    def make_options(cls, options: Any = None) -> Any:
+    def make_options(cls, options: Any = None, where: str = "options") -> Any:
         """The task's :attr:`Options` from an instance, a mapping of its fields (unknown keys name the valid
-        ones), or None (the defaults)."""
+        ones; ``where`` is their path in the whole config), or None (the defaults)."""
         if options is None:
             return cls.Options()
         if isinstance(options, cls.Options):
@@ -155,7 +155,7 @@ class DownstreamTask(abc.ABC):
         if isinstance(options, Mapping):
             from ...config import from_dict
 
-            return from_dict(cls.Options, dict(options), where="options")
+            return from_dict(cls.Options, dict(options), where=where)
         raise TypeError(f"{cls.name} options: expected {cls.Options.__name__}, a mapping of its fields or None; "
                         f"got {type(options).__name__}")
 
