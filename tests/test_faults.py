@@ -203,3 +203,26 @@ def test_manifest_lists_every_file_with_its_hash(tmp_path):
         f.write(b"x")
     with pytest.raises(RuntimeError, match=r"model.safetensors: \d+ bytes, the manifest says"):
         verify_checkpoint(folder)
+
+
+class _RunsCode:
+    """Unpickling this calls a function: what a hostile checkpoint file would do (here a harmless one)."""
+
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_checkpoint_file_that_would_run_code_is_refused(tmp_path, caplog):
+    out = tmp_path / "run"
+    args = {**ARGS, "out_dir": str(out)}
+    first = losses(run_in_process(args))
+    newest = out / "checkpoints" / "step_00000008"
+    state = torch.load(newest / "state.pt", weights_only=False)
+    state["meta"]["payload"] = _RunsCode()
+    torch.save(state, newest / "state.pt")
+    (newest / "manifest.json").unlink()  # as if written by hand: nothing to verify against
+    with caplog.at_level(logging.WARNING, logger="multiway"):
+        again = losses(run_in_process(args))
+    warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
+    assert "step_00000008" in warning and "Weights only load failed" in warning
+    assert again == first  # resumed from step 6 instead

@@ -98,12 +98,18 @@ def remove_stale_tmp_dirs(out_dir: str | os.PathLike) -> list[Path]:
 
 
 def read_checkpoint_file(path: Path) -> Any:
-    """``torch.load`` of one file of our own checkpoint folder; an unreadable file is a :class:`CorruptCheckpointError`.
-    (Not weights-only: the folder holds Python and NumPy RNG states, and is only ever written by :func:`train`.)"""
+    """``torch.load`` of one file of a checkpoint folder, weights-only: tensors, containers, numbers and strings, plus
+    the NumPy array types of NumPy's RNG state; nothing in the file can run code. An unreadable file, or one that
+    needs other globals, is a :class:`CorruptCheckpointError`."""
+    import numpy as np
+
     if not path.is_file():
         raise CorruptCheckpointError(f"{path}: missing")
+    core = getattr(np, "_core", None) or np.core  # NumPy 2 / NumPy 1
+    numpy_rng_globals = [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(numpy_rng_globals):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         raise CorruptCheckpointError(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
