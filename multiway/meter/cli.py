@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ..config import add_config_arguments, config_from_args
 
 
 def _study(args: argparse.Namespace) -> int:
-    from .study import FAST, StudyConfig, run_study, to_markdown
+    from .study import FAST, StudyConfig, run_study
 
     updates = {k: v for k, v in (("data_dir", args.data), ("out_dir", args.out)) if v is not None}
     cfg = config_from_args(StudyConfig, args, base=FAST if args.fast else None, updates=updates)
-    rows = run_study(cfg)
-    print(to_markdown(rows))
+    run_study(cfg)
+    print(Path(cfg.out_dir, "results.md").read_text())  # the cell table, the priors and the findings
     print(f"results: {cfg.out_dir}/results.md, results.json, results.png")
     return 0
 
