@@ -135,9 +135,11 @@ def mask_text(
     if not 0 <= ratio <= 1:
         raise ValueError(f"mask_text: ratio must be in [0, 1], got {ratio}")
     if vocab_size <= random_low:
-        raise ValueError(f"mask_text: vocab_size={vocab_size} leaves no ids for random replacement in [random_low={random_low}, vocab_size)")
+        raise ValueError(f"mask_text: vocab_size={vocab_size} leaves no ids for random replacement in "
+                         f"[random_low={random_low}, vocab_size)")
     if ids.shape != padding_mask.shape or ids.dim() not in (1, 2):
-        raise ValueError(f"mask_text: ids {tuple(ids.shape)} and padding_mask {tuple(padding_mask.shape)} must share a (T,) or (B, T) shape")
+        raise ValueError(f"mask_text: ids {tuple(ids.shape)} and padding_mask {tuple(padding_mask.shape)} must share "
+                         "a (T,) or (B, T) shape")
     squeeze = ids.dim() == 1
     ids2, pad2 = (ids[None], padding_mask[None]) if squeeze else (ids, padding_mask)
     maskable = (pad2 == 0) & ~torch.isin(ids2, torch.tensor(list(special_ids), dtype=ids2.dtype))
