@@ -72,15 +72,19 @@ def test_infer_and_every_head_match_the_official_code(reference, size):
         torch.testing.assert_close(ret(img, ids, pad), want["rank_scores"], **TOL)
 
 
-def test_swin_checkpoint_matches_the_official_code():
-    """METER's own Swin module (original key layout, downsampling at the end of a stage, fused-mean image pooling)."""
-    ref = torch.load(REF / "outputs_swin.pt", weights_only=True)
+@pytest.mark.parametrize("ckpt, outputs", [("swin_roberta.ckpt", "outputs_swin.pt"), ("clip_bert.ckpt", "outputs_bert.pt")])
+def test_swin_and_bert_checkpoints_match_the_official_code(ckpt, outputs):
+    """METER's own Swin module (original key layout, downsampling at the end of a stage, fused-mean image pooling),
+    and BERT as the text encoder (two token-type rows, unshifted positions)."""
+    ref = torch.load(REF / outputs, weights_only=True)
     b, want = ref["batch"], ref["outputs"]
     img, img2, ids, pad = b["image"][0], b["false_image_0"][0], b["text_ids"], (b["text_masks"] == 0).long()
-    path = REF / "swin_roberta.ckpt"
+    path = REF / ckpt
     with torch.no_grad():
         pre = from_official(path, "pretraining").eval()
-        assert pre.meter.config.image_pooling == "fused_mean" and pre.meter.num_image_prefix == 0
+        swin = ckpt.startswith("swin")
+        assert (pre.meter.config.image_pooling == "fused_mean") == swin and pre.meter.num_image_prefix == (0 if swin else 1)
+        assert pre.meter.config.text.name == ("roberta" if swin else "bert")
         out = pre.meter.encode(img, ids, pad)
         torch.testing.assert_close(out.text, want["infer.text_feats"], **TOL)
         torch.testing.assert_close(out.image, want["infer.image_feats"], **TOL)
