@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,11 @@ from .objectives import masked_accuracy_counts, mdm_loss, pair_contrastive_loss
 from .rng import mix_seeds
 
 logger = get_logger(__name__)
+
+
+def _stream_id(name: str) -> int:
+    """A stable number per stream name for seeding, distinct for every stream ("text" and "pair" have one length)."""
+    return zlib.crc32(name.encode())
 
 
 @dataclass
@@ -196,7 +202,7 @@ class PretrainTask:
 
         d = self.cfg.data
         src = _resolve(self.root, getattr(d, name))
-        common = dict(rank=rank, world_size=world_size, shuffle=True, seed=mix_seeds(seed, 7, len(name)) % 2**31, repeat=True,
+        common = dict(rank=rank, world_size=world_size, shuffle=True, seed=mix_seeds(seed, 7, _stream_id(name)) % 2**31, repeat=True,
                       on_error="skip")
         if name == "text":
             return TextStream(src, self.tok, max_len=d.text_max_len, **common)
@@ -255,10 +261,10 @@ class PretrainTask:
                 batch_size=bs,
                 collate_fn=list,
                 num_workers=self.cfg.data.num_workers,
-                generator=torch.Generator().manual_seed(mix_seeds(seed, rank, len(name), 3)),
+                generator=torch.Generator().manual_seed(mix_seeds(seed, rank, _stream_id(name), 3)),
                 persistent_workers=self.cfg.data.num_workers > 0,
             )
-            loaders[name] = _PrivateRNG(iter(loader), mix_seeds(seed, rank, len(name), 4))
+            loaders[name] = _PrivateRNG(iter(loader), mix_seeds(seed, rank, _stream_id(name), 4))
         if not loaders:
             raise ValueError("pretraining: every stream is disabled (batch sizes 0 or sources None)")
         step = 0
@@ -267,7 +273,7 @@ class PretrainTask:
             for name, it in loaders.items():
                 samples = next(it)
                 if step >= start_step:
-                    batch[name] = self.collate(name, samples, mix_seeds(seed, rank, len(name), step))
+                    batch[name] = self.collate(name, samples, mix_seeds(seed, rank, _stream_id(name), step))
             if step >= start_step:
                 batch["num_samples"] = sum(len(s.get("text_ids", s.get("image"))) for s in batch.values() if isinstance(s, dict))
                 yield batch
@@ -317,7 +323,7 @@ class PretrainTask:
                 b = {}
                 for name in ("text", "image", "pair"):
                     if self.cfg.batch.get(name, 0) > 0:
-                        b[name] = self.collate(name, chunk, mix_seeds(12345, i, len(name)))
+                        b[name] = self.collate(name, chunk, mix_seeds(12345, i, _stream_id(name)))
                 batches.append(b)
             self._eval_batches = batches
         return [{k: {n: t.to(device) for n, t in v.items()} for k, v in b.items()} for b in self._eval_batches]
