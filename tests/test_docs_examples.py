@@ -24,7 +24,7 @@ from multiway.downstream.tasks import get_task
 from multiway.tokenizers.text import train_text_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = ["python_api.md", "guide_photos.md"]
+PAGES = ["python_api.md", "guide_photos.md", "guide_finetune.md"]
 BLOCK = re.compile(r"^```(python|bash) test\n(.*?)^```", re.S | re.M)
 TINY = (re.compile(r"beit3_base_patch16_(224|384|480)"), "beit3_tiny_patch8_32")
 COLORS = ["red", "green", "blue", "yellow"]
@@ -68,7 +68,36 @@ def workdir(tmp_path_factory):
         head = {"num_classes": 4} if "vqav2" in model else {}
         # the official layout, under the name the snippets use once their model names are made tiny
         torch.save({"model": multiway.create_model(model, **head).state_dict()}, root / TINY[0].sub(TINY[1], name))
+    _raw_vqa(root / "raw_vqa")
     return root
+
+
+def _raw_vqa(root: Path) -> None:
+    """A tiny VQAv2 release in the official layout: question/annotation json files under ``vqa/``, COCO-named
+    images under ``train2014/``, ``val2014/``, ``test2015/``; every answer asked often enough (>= 9) to be kept."""
+    from PIL import Image
+
+    rgb = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+    (root / "vqa").mkdir(parents=True)
+    image_id = 0
+    for split, per_color, annotated in (("train2014", 6, True), ("val2014", 4, True), ("test-dev2015", 2, False)):
+        folder = root / ("test2015" if split.startswith("test") else split)
+        folder.mkdir(exist_ok=True)
+        questions, annotations = [], []
+        for color, value in rgb.items():
+            for _ in range(per_color):
+                image_id += 1
+                image = Image.new("RGB", (40, 40), (128, 128, 128))
+                image.paste(value, (8, 8, 32, 32))
+                image.save(folder / f"COCO_{folder.name}_{image_id:012d}.jpg")
+                for k, question in enumerate(("what color is the square?", "which color is the shape?")):
+                    qid = image_id * 10 + k
+                    questions.append({"image_id": image_id, "question": question, "question_id": qid})
+                    annotations.append({"question_id": qid, "image_id": image_id, "multiple_choice_answer": color,
+                                        "answers": [{"answer": color, "answer_id": j + 1} for j in range(10)]})
+        (root / "vqa" / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"questions": questions}))
+        if annotated:
+            (root / "vqa" / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"annotations": annotations}))
 
 
 @pytest.mark.parametrize("page", PAGES)
