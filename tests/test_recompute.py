@@ -84,3 +84,18 @@ def test_full_checkpointing_wins_and_bad_policy_is_named():
     assert block_policy(grad_checkpointing=False, recompute_norms=False) == "none"
     with pytest.raises(ValueError, match="'none', 'selective', 'full'"):
         run_block(lambda x: x, "some", torch.zeros(1, requires_grad=True))
+
+
+def test_two_backbone_calls_in_one_bf16_autocast_region():
+    """Pretraining's streams and the retrieval encoders call the backbone twice under one autocast: the weight-cast
+    cache must not make the recomputation differ from the forward (the selective checkpoint would refuse it)."""
+    image, ids, pad = _inputs()
+    grads = []
+    for model in _pair(drop_path_rate=0.0):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(image, ids, pad).last_hidden_state.float().square().mean()
+            loss = loss + model(text_ids=ids, text_padding_mask=pad).last_hidden_state.float().square().mean()
+        loss.backward()
+        grads.append(_grads(model))
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -21,6 +21,8 @@ save; the per-modality segments of the residual stream are kept as they are (the
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -57,6 +59,22 @@ def selective_context() -> tuple[Any, Any]:
     return create_selective_checkpoint_contexts(_save_matmuls)
 
 
+@contextlib.contextmanager
+def _uncached_autocast() -> Iterator[None]:
+    """Autocast without its weight-cast cache around a selectively checkpointed block.
+
+    Within one autocast region the bf16 copy of a weight is made once and reused; a second call of the backbone in
+    the same region (pretraining's streams, the retrieval model's two encoders) then skips the casts that the
+    recomputation in backward performs, and the selective checkpoint refuses the differing op sequence. Without the
+    cache every call casts its weights (a few hundred MB of bandwidth per step at base size) and both runs match.
+    """
+    with contextlib.ExitStack() as stack:
+        for device in ("cuda", "cpu"):
+            if torch.is_autocast_enabled(device) and torch.is_autocast_cache_enabled():
+                stack.enter_context(torch.autocast(device, dtype=torch.get_autocast_dtype(device), cache_enabled=False))
+        yield
+
+
 def block_policy(grad_checkpointing: bool, recompute_norms: bool) -> RecomputePolicy:
     """The policy a model's config selects (full checkpointing wins over the selective one)."""
     if grad_checkpointing:
@@ -71,6 +89,7 @@ def run_block(block: nn.Module, policy: RecomputePolicy, *args: Any) -> Any:
     if policy == "full":
         return checkpoint(block, *args, use_reentrant=False)
     if policy == "selective":
-        return checkpoint(block, *args, use_reentrant=False, context_fn=selective_context)
+        with _uncached_autocast():
+            return checkpoint(block, *args, use_reentrant=False, context_fn=selective_context)
     raise ValueError(f"recompute policy {policy!r}: expected one of 'none', 'selective', 'full'")
 
