@@ -429,8 +429,9 @@ def ensure_visual_tokenizer(cfg: PretrainConfig) -> Path:
         images = _StreamImages(_resolve(root, source), VQKD_PRESETS[cfg.vqkd_preset].img_size, cfg.vqkd_images)
         logger.info("training a %s visual tokenizer (pixels teacher, %d steps) on %d images of %s", cfg.vqkd_preset, cfg.vqkd_steps,
                     len(images), source)
+        # a small image set trains with one batch of all of it (the default batch of 64 would not fit)
         metrics = train_visual_tokenizer(images, path, preset=cfg.vqkd_preset, teacher="pixels", steps=cfg.vqkd_steps,
-                                         num_workers=0, seed=0, progress=cfg.train.progress)
+                                         batch_size=min(64, len(images)), num_workers=0, seed=0, progress=cfg.train.progress)
         logger.info("visual tokenizer: %s", json.dumps({k: v for k, v in metrics.items() if k != "path"}))
     return path
 
