@@ -59,7 +59,13 @@ def main(argv: list[str] | None = None) -> dict:
         opts.intra_op_num_threads = args.threads
         session = ort.InferenceSession(spec.path, opts, providers=["CPUExecutionProvider"])
     eager = VisionEmbedder(model, spec.mean, spec.std).eval()
-    rows = []
+    rows: list[dict] = []
+    result = {"env": {"model": args.model, "img_size": size, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                      "cores": os.cpu_count(), "load_avg": os.getloadavg()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
+                      "precision": "fp32", "steps": args.steps, "statistic": "median", "export_s": round(export_s, 1)},
+              "rows": rows}
+    out = Path(args.out or Path(__file__).parent / "results" / f"export_embed_{args.model}_cpu.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
     for batch in args.batches:
         pixels = torch.rand(batch, 3, size, size)
         feed = {"pixels": pixels.numpy()}
@@ -70,17 +76,11 @@ def main(argv: list[str] | None = None) -> dict:
         for runtime, times in (("pytorch eager", t_eager), ("onnxruntime", t_ort)):
             ms = 1000 * float(np.median(times))
             rows.append({"runtime": runtime, "batch": batch, "ms_per_batch": ms, "images_per_s": batch / (ms / 1000), "max_abs_diff": diff})
-    result = {"env": {"model": args.model, "img_size": size, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-                      "cores": os.cpu_count(), "load_avg": os.getloadavg()[0], "torch": torch.__version__, "onnxruntime": ort.__version__,
-                      "precision": "fp32", "steps": args.steps, "statistic": "median", "export_s": round(export_s, 1)},
-              "rows": rows}
+        out.write_text(json.dumps(result, indent=2))  # after each batch size: a long run keeps what it measured
     print(f"{args.model} ({size} px), {args.threads} threads, fp32, median of {args.steps} calls; export {export_s:.0f} s")
     print(f"{'runtime':<15}{'batch':>6}{'ms/batch':>12}{'images/s':>11}{'max|diff|':>11}")
     for r in rows:
         print(f"{r['runtime']:<15}{r['batch']:>6}{r['ms_per_batch']:>12.1f}{r['images_per_s']:>11.1f}{r['max_abs_diff']:>11.1e}")
-    out = Path(args.out or Path(__file__).parent / "results" / f"export_embed_{args.model}_cpu.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     return result
 
 
