@@ -166,3 +166,23 @@ def test_build_index_and_search_return_results(data):
     assert isinstance(built, P.Result) and built.output.embeddings.shape == (4, 64)
     hits = P.search_text(pred, built.output, "a red square", k=2)
     assert isinstance(hits, P.Result) and len(hits.rows) == 2
+
+
+def test_a_run_folder_moved_away_from_its_tokenizer_uses_the_embedded_copy(data, tmp_path):
+    root, spm = data
+    run = tmp_path / "run"
+    run.mkdir()
+    _saved(root, spm, "coco_retrieval").rename(run / "model.safetensors")
+    (run / "task.json").write_text(json.dumps({"task": "coco_retrieval", "tokenizer": str(tmp_path / "gone.spm")}))
+    _, processor = multiway.load(str(run), device="cpu")
+    assert processor.tokenizer.vocab_size == TextTokenizer(spm).vocab_size
+
+
+def test_load_by_registered_name_and_unknown_names(data):
+    _, spm = data
+    model, processor = multiway.load("beit3_tiny_patch8_32_retrieval", tokenizer=spm, device="cpu")
+    assert processor.task.name == "coco_retrieval" and not model.training
+    with pytest.raises(FileNotFoundError, match="neither a file or folder nor a model name"):
+        multiway.load("beit3_huge_vqav2")
+    with pytest.raises(FileNotFoundError, match="no_such_model.safetensors"):
+        multiway.load("no_such_model.safetensors")

@@ -145,6 +145,8 @@ def load_predictor(
 
     tok = None
     tok_path = tokenizer or meta.get("tokenizer")
+    if tok_path and not tokenizer and extras.tokenizer is not None and not Path(tok_path).is_file():
+        tok_path = None  # a run folder moved away from its tokenizer: the model file carries a copy
     if tok_path:
         tok = TextTokenizer(tok_path)
     elif extras.tokenizer is not None:
