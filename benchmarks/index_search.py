@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     ap.add_argument("--dim", type=int, default=768, help="vector dimension of the search benchmark (base models: 768)")
+    ap.add_argument("--kinds", nargs="+", default=["flat", "ivfpq"], choices=["flat", "ivfpq"])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "index_search_cpu.json"))
     args = ap.parse_args(argv)
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         build = bench_build(args.model, args.images, args.batch_size, Path(tmp))
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((4096, args.dim)).astype(np.float32) / np.sqrt(args.dim)
-    search = [bench_search(n, args.dim, kind, rng, centres) for n in args.sizes for kind in ("flat", "ivfpq")]
+    search = [bench_search(n, args.dim, kind, rng, centres) for n in args.sizes for kind in args.kinds]
     result = {"env": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
                       "load_avg": os.getloadavg()[0], "faiss": faiss.__version__, "torch": torch.__version__},
               "build": build, "search": search}
