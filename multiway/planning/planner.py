@@ -18,6 +18,7 @@ The same step on real tensors (``fake=False``) is how the CI checks the planner 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import re
@@ -156,6 +157,41 @@ def _touched_bytes(t: Tensor) -> int:
         if stride != 0:
             numel *= size
     return numel * t.element_size()
+
+
+class _ActivePeaks:
+    """Mixin for PyTorch's memory trackers: the same per-module peak bookkeeping, visiting only the modules that
+    are running (the stock tracker visits every module it has seen on every op: quadratic for the 40-layer giant)."""
+
+    def _update_peak_stats(self, peak_state: Any) -> None:
+        if len(self.memory_tracking) != getattr(self, "_indexed", -1):
+            self._by_fqn: dict[str, list] = {}
+            for stats in self.memory_tracking.values():
+                self._by_fqn.setdefault(stats.mod_fqn, []).append(stats)
+            self._indexed = len(self.memory_tracking)
+        current = self._curr_mem_snap
+        for fqn in self._mod_tracker.parents:
+            for stats in self._by_fqn.get(fqn, ()):
+                if peak_state in stats.snapshots:
+                    for dev, snap in current.items():
+                        if stats.local_peak.get(dev, 0) < snap["Total"]:
+                            stats.local_peak[dev] = snap["Total"]
+                            stats.snapshots[peak_state][-1][dev] = copy.deepcopy(snap)
+        for dev, snap in current.items():
+            if self._peak_mem.get(dev, 0) < snap["Total"]:
+                self._peak_mem[dev] = snap["Total"]
+                self._peak_mem_snap[dev] = copy.deepcopy(snap)
+
+
+def _tracker(fsdp: bool, root: nn.Module, opt: torch.optim.Optimizer) -> Any:
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    if fsdp:
+        return type("FSDPTracker", (_ActivePeaks, FSDPMemTracker), {})(root, opt)
+    tracker = type("Tracker", (_ActivePeaks, MemTracker), {})()
+    tracker.track_external(root, opt)
+    return tracker
 
 
 # --- the steps ------------------------------------------------------------------------------------------------
@@ -358,9 +394,6 @@ def plan(cfg: PlanConfig, fake: bool = True) -> PlanReport:
     checked against.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-    from torch.distributed._tools.mem_tracker import MemTracker
-
     started, cpu_started = time.perf_counter(), time.process_time()
     task, name = resolve_task(cfg)
     fsdp = cfg.strategy == "fsdp2"
@@ -387,11 +420,7 @@ def plan(cfg: PlanConfig, fake: bool = True) -> PlanReport:
         optimizer_bytes = _local_bytes(t for s in opt.state.values() for k, t in s.items() if isinstance(t, Tensor) and k != "step")
         grad_bytes = _local_bytes(p for p in model.parameters() if p.requires_grad)
         autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16-autocast")
-        if fsdp:
-            tracker = FSDPMemTracker(root, opt)
-        else:
-            tracker = MemTracker()
-            tracker.track_external(root, opt)
+        tracker = _tracker(fsdp, root, opt)
         flops, roofline = FlopCounterMode(display=False), Roofline(cfg.gpu)
         peaks: dict[str, int] = {}
         with tracker, flops, roofline:
