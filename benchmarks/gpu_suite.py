@@ -38,14 +38,15 @@ WHEELS = BENCH / "wheels"
 # per size: the models, batches and step counts of each section
 SIZES = {
     "gpu": {
-        "backbone": {"preset": "beit3_base_patch16_224", "overrides": [], "batch": 32, "text_len": 64, "iters": 10},
+        "backbone": {"preset": "beit3_base_patch16_224", "overrides": [], "batch": 32, "text_len": 64, "iters": 10,
+                     "modes": ["vision", "text", "fused"]},
         "pretraining": [{"model": "beit3_base_patch16_224", "batch": 64}, {"model": "beit3_large_patch16_224", "batch": 32}],
         "pretrain_text_len": 64, "pretrain_codebook": 8192, "steps": 10, "warmup": 3,
         "giant": {"model": "beit3_giant_patch14_224", "batches": [48, 32, 24, 16, 8, 4], "text_len": 64},
         "finetune_size": "base", "finetune_batches": ["vqav2=16", "coco_retrieval=64"], "retrieval_ac_batch": 192,
     },
     "tiny": {
-        "backbone": {"preset": "beit3_base_patch16_224", "batch": 2, "text_len": 8, "iters": 1,
+        "backbone": {"preset": "beit3_base_patch16_224", "batch": 2, "text_len": 8, "iters": 1, "modes": ["fused"],
                      "overrides": ["depth=2", "embed_dim=64", "num_heads=4", "ffn_dim=128", "img_size=32", "vocab_size=500"]},
         "pretraining": [{"model": "beit3_tiny_patch8_32", "batch": 4}],
         "pretrain_text_len": 16, "pretrain_codebook": 64, "steps": 1, "warmup": 1,
@@ -92,7 +93,7 @@ def backbone(size: dict, device: str, workdir: Path, timeout: float) -> dict:
     s = size["backbone"]
     out = workdir / "backbone.json"
     cmd = [sys.executable, str(BENCH / "backbone.py"), "--preset", s["preset"], *s["overrides"], "--batch", str(s["batch"]),
-           "--text-len", str(s["text_len"]), "--iters", str(s["iters"]), "--device", device,
+           "--text-len", str(s["text_len"]), "--iters", str(s["iters"]), "--device", device, "--modes", *s["modes"],
            "--torchscale-python", torchscale_python(workdir), "--out", str(out)]
     result = _run(cmd, timeout, _env())
     if result["ok"]:
