@@ -6,16 +6,17 @@ import pytest
 
 from multiway.downstream.quickstart import QuickstartConfig, _first_colour, _write_text_classification, format_table, quickstart
 
-TASKS = ["imagenet", "vqav2", "nlvr2", "coco_retrieval", "coco_captioning", "text_classification"]
+TASKS = ["imagenet", "vqav2", "nlvr2", "coco_retrieval", "coco_captioning", "text_classification", "coco_detection",
+         "coco_instance_segmentation", "ade20k", "conll"]
 
 
 def test_quickstart_fast(tmp_path):
     rows = quickstart(out_dir=str(tmp_path / "qs"), fast=True)
     assert [r.task for r in rows] == TASKS
-    for name in ("results.md", "results.json", "loss_curves.png", "examples.png", "quickstart_config.yaml"):
+    for name in ("results.md", "results.json", "loss_curves.png", "examples.png", "dense_examples.png", "quickstart_config.yaml"):
         assert (tmp_path / "qs" / name).stat().st_size > 0
     saved = json.loads((tmp_path / "qs" / "results.json").read_text())
-    assert len(saved["rows"]) == 6 and all(0 <= r["chance"] <= 100 for r in saved["rows"] if r["task"] != "coco_captioning")
+    assert len(saved["rows"]) == len(TASKS) and all(0 <= r["chance"] <= 100 for r in saved["rows"] if r["task"] != "coco_captioning")
     assert all(r["pretrained"] is not None and r["scratch"] is not None for r in saved["rows"])
     # per-stage timings, the pretraining held-out accuracies and the captioning baseline are recorded
     assert {"data", "vqkd", "pretrain"} <= set(saved["timings_s"])

@@ -115,6 +115,9 @@ class QuickstartConfig:
         return from_dict(type(self), deep_update(to_dict(self), overrides))
 
 
+# The tiny detectors: 32-channel pyramid, small box head, few RoIs; jitter kept mild at 32 px.
+_DENSE_DETECTION = dict(out_channels=32, box_head_width=128, box_batch_size_per_image=64, rpn_post_nms_top_n_train=100,
+                        rpn_post_nms_top_n_test=100, jitter_min=0.5, jitter_max=1.5)
 # The built-in tokenizer has whole-word pieces: captions, questions and statements fit in 24 tokens.
 _FULL_TASKS: dict[str, dict[str, Any]] = {
     "imagenet": dict(split="val", steps=500, lr=2e-3, data_subdir="imagenet", options=dict(auto_augment=False), step_cost=0.43),
@@ -128,6 +131,12 @@ _FULL_TASKS: dict[str, dict[str, Any]] = {
     "coco_captioning": dict(split="test", steps=600, lr=2e-3, step_cost=0.9,
                             options=dict(mask_prob=0.5, drop_worst_after=10**9, num_beams=2, max_gen_len=20)),
     "text_classification": dict(split="test", steps=400, lr=2e-3, step_cost=0.33),
+    # dense tasks (multiway.dense) on the same scenes: torchvision's detectors with small heads, UperNet, CoNLL tags
+    "coco_detection": dict(split="test", steps=200, lr=1e-3, batch_size=8, step_cost=4.0, options=_DENSE_DETECTION),
+    "coco_instance_segmentation": dict(split="test", steps=200, lr=1e-3, batch_size=8, step_cost=4.5,
+                                       options={**_DENSE_DETECTION, "mask_head_width": 16}),
+    "ade20k": dict(split="test", steps=300, lr=1e-3, batch_size=16, step_cost=0.5, options=dict(channels=32, aux_channels=16)),
+    "conll": dict(split="test", steps=200, lr=1e-3, step_cost=0.3),
 }
 PRESETS: dict[str, dict[str, Any]] = {
     "full": dict(tasks=_FULL_TASKS),
@@ -216,6 +225,7 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
     import multiway
 
     from ..data.shapes import generate_synthetic_dataset
+    from ..dense.builtin import write_dense_data
     from ..tokenizers.text import TextTokenizer
     from ..train import latest_checkpoint
     from ..train.pretrain import ensure_visual_tokenizer, pretrain
@@ -247,6 +257,7 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
                                       num_pairs=cfg.num_pairs, imagenet_per_class=cfg.imagenet_per_class,
                                       vocab_size=cfg.vocab_size, progress=cfg.progress)
     _write_text_classification(data, train_per_class=cfg.text_train_per_class, seed=seed)
+    write_dense_data(data)  # COCO instances, ADE20K folders and CoNLL files of the same scenes
     spm = data / "shapes.spm"
     lap("data", t)
 
@@ -320,6 +331,11 @@ def quickstart(out_dir: str = "quickstart", fast: bool = False, seed: int = 0,
     plot_loss_curves(runs, out / "loss_curves.png")
     if {"coco_captioning", "vqav2", "coco_retrieval"} <= runs.keys():  # the example grid shows these three tasks
         plot_examples(runs, data, tok, out / "examples.png")
+    if {"coco_instance_segmentation", "ade20k"} & runs.keys():  # dense predictions on test images
+        from ..dense.pictures import plot_dense_examples
+
+        best = lambda task: runs[task].get("pretrained", runs[task]["scratch"]) if task in runs else None  # noqa: E731
+        plot_dense_examples(best("coco_instance_segmentation"), best("ade20k"), data, out / "dense_examples.png")
     lap("plots", t)
     minutes = (time.time() - t0) / 60
     table = format_table(rows)
