@@ -488,25 +488,42 @@ def _comm_seconds(cfg: PlanConfig, params: int, link_gb_s: float) -> float:
     return factor * (n - 1) / n * params * wire_bytes / (link_gb_s * 1e9)
 
 
-def fit_batch(cfg: PlanConfig, budget_bytes: int | None = None) -> tuple[int, PlanReport]:
+def fit_batch(cfg: PlanConfig, budget_bytes: int | None = None, max_plans: int = 8) -> tuple[int, PlanReport]:
     """The largest batch whose planned peak fits ``budget_bytes`` (default: the GPU's memory less the margin).
 
-    Peak memory is close to affine in the batch, so two plans (batch 1 and 2) give the line; the plan at its
-    prediction is then checked and the batch stepped down until it fits.
+    Peak memory grows about linearly with the batch: plans at batch 1 and 2 give a first line, each further plan
+    (at the line's prediction) replaces the older point (secant steps), and the search ends between the largest
+    batch that fits and the smallest that does not once they are adjacent, or after ``max_plans`` plans.
     """
     gpu = get_gpu(cfg.gpu)
     total = parse_bytes(cfg.gpu_memory) if cfg.gpu_memory else gpu.memory_bytes
     budget = budget_bytes if budget_bytes is not None else int(total * (1 - cfg.memory_margin))
-    one, two = (plan(dataclasses.replace(cfg, batch=b, fit_batch=False)) for b in (1, 2))
-    per_sample = max(two.peak_bytes_per_rank - one.peak_bytes_per_rank, 1)
-    fixed = one.peak_bytes_per_rank - per_sample
-    if one.peak_bytes_per_rank > budget:
-        raise ValueError(f"{cfg.model}: even batch 1 needs {one.peak_bytes_per_rank / 2**30:.1f} GiB per rank, more than "
+    reports: dict[int, PlanReport] = {}
+
+    def at(batch: int) -> PlanReport:
+        if batch not in reports:
+            reports[batch] = plan(dataclasses.replace(cfg, batch=batch, fit_batch=False))
+        return reports[batch]
+
+    if at(1).peak_bytes_per_rank > budget:
+        raise ValueError(f"{cfg.model}: even batch 1 needs {at(1).peak_bytes_per_rank / 2**30:.1f} GiB per rank, more than "
                          f"the {budget / 2**30:.1f} GiB budget; try --ac full, --strategy fsdp2 or a bigger GPU")
-    batch = max(math.floor((budget - fixed) / per_sample), 1)
-    report = plan(dataclasses.replace(cfg, batch=batch, fit_batch=False))
-    while report.peak_bytes_per_rank > budget and batch > 1:
-        over = report.peak_bytes_per_rank - budget
-        batch = max(batch - max(math.ceil(over / per_sample), 1), 1)
-        report = plan(dataclasses.replace(cfg, batch=batch, fit_batch=False))
-    return batch, report
+    a, b = 1, 2
+    while len(reports) < max_plans:
+        pa, pb = at(a).peak_bytes_per_rank, at(b).peak_bytes_per_rank
+        fits = [n for n, r in reports.items() if r.peak_bytes_per_rank <= budget]
+        over = [n for n, r in reports.items() if r.peak_bytes_per_rank > budget]
+        lo, hi = max(fits), min(over, default=None)
+        if hi is not None and hi == lo + 1:
+            break
+        slope = max((pb - pa) / (b - a), 1.0)
+        guess = math.floor(b + (budget - pb) / slope)
+        guess = max(lo + 1, guess if hi is None else min(guess, hi - 1))
+        if guess in reports:
+            guess = lo + 1 if lo + 1 not in reports else guess
+            if guess in reports:
+                break
+        a, b = b, guess
+        at(b)
+    best = max(n for n, r in reports.items() if r.peak_bytes_per_rank <= budget)
+    return best, reports[best]
