@@ -235,8 +235,13 @@ class _Stream(torch.utils.data.IterableDataset, abc.ABC):
     @staticmethod
     def _text(where: str, rec: dict[str, Any]) -> str | list[int]:
         if "txt" in rec:
+            text = rec["txt"]
+            if isinstance(text, str):  # a jsonl record's "txt" key; shard members arrive as bytes
+                return text.strip()
+            if not isinstance(text, (bytes, bytearray)):
+                raise DataError(f"{where}: 'txt' must be a string, got {type(text).__name__}")
             try:
-                return rec["txt"].decode("utf-8").strip()
+                return text.decode("utf-8").strip()
             except UnicodeDecodeError as e:
                 raise DataError(f"{where}: .txt member is not UTF-8 ({e})") from None
         meta = {k: rec[k] for k in TEXT_KEYS if k in rec} or _Stream._json_member(where, rec)
