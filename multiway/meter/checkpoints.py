@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..model.checkpoints import CheckpointError, LoadReport, _atomic_write, _short
+from ..model.checkpoints import CheckpointError, LoadReport, _atomic_write, _short, raise_unfit
 from .config import DecoderConfig, FusionConfig, MeterConfig, TextEncoderConfig, VisionEncoderConfig
 from .model import METERForNLVR2, METERForPretraining, METERForRetrieval, METERForSNLIVE, METERForVQA, METERModel, _Wrapper
 
@@ -387,15 +387,8 @@ def load_official_checkpoint(
     mismatched_keys = {s.split(":")[0] for s in mismatched}
     bad_missing = [k for k in report.missing if not k.startswith(head_names) and k not in mismatched_keys]
     if strict and (bad_missing or unknown or mismatched):
-        lines = [f"{source} does not fit {type(model).__name__}:"]
-        if bad_missing:
-            lines.append(f"  missing keys ({len(bad_missing)}): {_short(bad_missing)}")
-        if unknown:
-            lines.append(f"  unexpected keys ({len(unknown)}): {_short(unknown)}")
-        if mismatched:
-            lines.append(f"  mismatched shapes ({len(mismatched)}): {_short(mismatched)}")
-        lines.append("  (build the model with multiway.meter.checkpoints.meter_config_from_official(state, hparams))")
-        raise CheckpointError("\n".join(lines))
+        raise_unfit(source, model, bad_missing, unknown, mismatched,
+                    "build the model with multiway.meter.checkpoints.meter_config_from_official(state, hparams)")
     model.load_state_dict(to_load, strict=False)
     report.loaded = sorted(to_load)
     new_heads = [k for k in report.missing if k.startswith(head_names)]

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
@@ -85,19 +84,8 @@ class SNLIVE(DownstreamTask):
         logits = self._logits(model, batch).float()
         return F.cross_entropy(logits, batch["label"]), {"acc": metrics.accuracy(logits.detach(), batch["label"]) / 100}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
-        settings = settings or EvalSettings()
-        was_training = model.training
-        model.eval()
-        try:
-            logits, targets = [], []
-            for batch in self.device_batches(model, dataset, settings):
-                logits.append(self._logits(model, batch).float().cpu())
-                targets.append(batch["label"].cpu())
-        finally:
-            model.train(was_training)
-        return {"acc": metrics.accuracy(torch.cat(logits), torch.cat(targets))}
+        return self.evaluate_accuracy(model, dataset, settings, self._logits)
 
     def chance_level(self, train_set: Dataset, test_set: Dataset) -> float:
         """Always answering the training split's most frequent class."""

@@ -64,6 +64,22 @@ def _short(keys: list[str], limit: int = 8) -> str:
     return ", ".join(keys[:limit]) + (f" ... (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def raise_unfit(source: Any, model: nn.Module, missing: list[str], unexpected: list[str], mismatched: list[str], hint: str,
+                kind: str = "") -> None:
+    """Raise the :class:`CheckpointError` of a checkpoint that does not fit ``model``: the missing and unexpected
+    keys and the mismatched shapes (``"key: checkpoint (..) vs model (..)"``), a few of each, then ``hint`` (what to
+    check). ``kind`` names the keys' part (``"backbone "``)."""
+    lines = [f"{source} does not fit {type(model).__name__}:"]
+    if missing:
+        lines.append(f"  missing {kind}keys ({len(missing)}): {_short(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected {kind}keys ({len(unexpected)}): {_short(unexpected)}")
+    if mismatched:
+        lines.append(f"  mismatched shapes ({len(mismatched)}): {_short(mismatched)}")
+    lines.append(f"  ({hint})")
+    raise CheckpointError("\n".join(lines))
+
+
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """Read a state dict and its metadata from ``.safetensors`` or a pickled ``.pth``/``.pt``/``.bin``.
 
@@ -219,15 +235,8 @@ def load_checkpoint(
     bad_missing = [k for k in report.missing if not prefix or k.startswith(prefix)]
     bad_unexpected = [k for k in report.unexpected if not prefix or k.startswith(prefix)]
     if strict and (bad_missing or bad_unexpected or mismatched):
-        lines = [f"{source} does not fit {type(model).__name__}:"]
-        if bad_missing:
-            lines.append(f"  missing backbone keys ({len(bad_missing)}): {_short(bad_missing)}")
-        if bad_unexpected:
-            lines.append(f"  unexpected backbone keys ({len(bad_unexpected)}): {_short(bad_unexpected)}")
-        if mismatched:
-            lines.append(f"  mismatched shapes ({len(mismatched)}): {_short(mismatched)}")
-        lines.append("  (check the preset: depth, embed_dim, vocab_size, shared_attention, vl_expert_layers)")
-        raise CheckpointError("\n".join(lines))
+        raise_unfit(source, model, bad_missing, bad_unexpected, mismatched,
+                    "check the preset: depth, embed_dim, vocab_size, shared_attention, vl_expert_layers", kind="backbone ")
     report.non_finite = non_finite_tensors(to_load)
     if report.non_finite:
         logger.warning("%s holds NaN or inf values in %d tensors: %s", source, len(report.non_finite), _short(report.non_finite))

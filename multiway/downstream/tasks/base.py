@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import abc
 import argparse
+import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -293,6 +295,28 @@ class DownstreamTask(abc.ABC):
                 continue
             yield {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
+    def gather_outputs(self, model: nn.Module, dataset: Dataset, settings: EvalSettings,
+                       outputs: Callable[[nn.Module, dict[str, Any]], Mapping[str, Tensor]]) -> dict[str, Tensor]:
+        """Run ``outputs(model, batch)`` on every batch of ``dataset`` (model in eval mode, no gradients) and
+        concatenate each key's tensors on the CPU along dim 0: e.g. ``{"logits": (N, C), "label": (N,)}``. A key a
+        batch leaves out (VQA's ``labels`` on an unlabelled split) is simply absent from the result."""
+        gathered: dict[str, list[Tensor]] = {}
+        with torch.no_grad(), evaluation_mode(model):
+            for batch in self.device_batches(model, dataset, settings):
+                for key, value in outputs(model, batch).items():
+                    gathered.setdefault(key, []).append(value.cpu())
+        return {key: torch.cat(values) for key, values in gathered.items()}
+
+    def evaluate_accuracy(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None,
+                          logits_of: Callable[[nn.Module, dict[str, Any]], Tensor]) -> dict[str, float]:
+        """``{"acc": percent}`` of ``logits_of(model, batch)`` (B, C) against ``batch["label"]`` (B,) over ``dataset``:
+        the evaluation of the classification tasks (NLVR2, text classification, SNLI-VE)."""
+        from .. import metrics
+
+        out = self.gather_outputs(model, dataset, settings or EvalSettings(),
+                                  lambda m, batch: {"logits": logits_of(m, batch).float(), "label": batch["label"]})
+        return {"acc": metrics.accuracy(out["logits"], out["label"])}
+
     def output_path(self, settings: EvalSettings, name: str) -> Path | None:
         """``settings.out_dir / name`` (folder created) or None when no prediction files are wanted."""
         if settings.out_dir is None:
@@ -303,6 +327,17 @@ class DownstreamTask(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(options={self.options!r})"
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode inside the block, back in the train/eval mode it came in afterwards (also on errors)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 class TaskTrainer(MapDatasetTask):
@@ -337,4 +372,5 @@ def task_options_fields(task_cls: type[DownstreamTask]) -> list[str]:
     return [f.name for f in dataclasses.fields(task_cls.Options)]
 
 
-__all__ = ["DataSettings", "DownstreamTask", "EvalSettings", "NoOptions", "PredictCommand", "TaskTrainer", "task_options_fields"]
+__all__ = ["DataSettings", "DownstreamTask", "EvalSettings", "NoOptions", "PredictCommand", "TaskTrainer", "evaluation_mode",
+           "task_options_fields"]

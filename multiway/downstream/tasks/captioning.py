@@ -21,7 +21,7 @@ from ...data.io import DataError
 from ...data.masking import mask_captioning
 from .. import losses, metrics
 from ..inference import Predictor, Result, image_batches, list_images, print_result, require
-from .base import DataSettings, DownstreamTask, EvalSettings, PredictCommand
+from .base import DataSettings, DownstreamTask, EvalSettings, PredictCommand, evaluation_mode
 
 
 class CaptioningDataset(IndexDataset):
@@ -181,17 +181,13 @@ class CocoCaptioning(DownstreamTask):
         if dataset.tokenizer is None:
             raise ValueError(f"{self.name} evaluation needs the tokenizer to decode captions (tokenizer=...)")
         o, tok = self.options, dataset.tokenizer
-        was_training = model.training
-        model.eval()
-        try:
-            preds = []
+        preds = []
+        with evaluation_mode(model):
             for batch in self.device_batches(model, dataset, settings):
                 out = generate(model, batch["image"], tok.mask_id, num_beams=o.num_beams, max_len=o.max_gen_len,
                                length_penalty=o.length_penalty, vocab_limit=tok.vocab_size)
                 for iid, seq in zip(batch["image_id"].tolist(), out.sequences):
                     preds.append({"image_id": iid, "caption": tok.decode(seq)})
-        finally:
-            model.train(was_training)
         path = self.output_path(settings, f"captions_{settings.split}.json")
         if path is not None:
             path.write_text(json.dumps(preds))

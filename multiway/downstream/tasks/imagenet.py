@@ -128,17 +128,9 @@ class ImageNet(DownstreamTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
-        settings = settings or EvalSettings()
-        was_training = model.training
-        model.eval()
-        try:
-            logits, targets = [], []
-            for batch in self.device_batches(model, dataset, settings):
-                logits.append(model(image=batch["image"]).float().cpu())
-                targets.append(batch["label"].cpu())
-            return metrics.topk_accuracy(torch.cat(logits), torch.cat(targets), ks=(1, 5))
-        finally:
-            model.train(was_training)
+        out = self.gather_outputs(model, dataset, settings or EvalSettings(),
+                                  lambda model, batch: {"logits": model(image=batch["image"]).float(), "label": batch["label"]})
+        return metrics.topk_accuracy(out["logits"], out["label"], ks=(1, 5))
 
     def chance_level(self, train_set: Dataset, test_set: Dataset) -> float:
         """Uniform guessing over the training split's classes."""

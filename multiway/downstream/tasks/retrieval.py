@@ -228,19 +228,13 @@ class CocoRetrieval(DownstreamTask):
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
-        settings = settings or EvalSettings()
-        was_training = model.training
-        model.eval()
-        try:
-            images, image_ids, texts = [], [], []
-            for batch in self.device_batches(model, dataset, settings):
-                images.append(model.encode_image(batch["image"]).float().cpu())
-                texts.append(model.encode_text(batch["language_tokens"], batch["padding_mask"]).float().cpu())
-                image_ids.append(batch["image_id"].cpu())
-        finally:
-            model.train(was_training)
-        ids = torch.cat(image_ids)
-        r = metrics.retrieval_recall(torch.cat(images), ids, torch.cat(texts), ids)
+        def outputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
+            return {"image": model.encode_image(batch["image"]).float(),
+                    "text": model.encode_text(batch["language_tokens"], batch["padding_mask"]).float(), "image_id": batch["image_id"]}
+
+        out = self.gather_outputs(model, dataset, settings or EvalSettings(), outputs)
+        ids = out["image_id"]
+        r = metrics.retrieval_recall(out["image"], ids, out["text"], ids)
         r["r@1"] = (r["ir_r@1"] + r["tr_r@1"]) / 2
         return r
 

@@ -128,23 +128,15 @@ class TextClassification(DownstreamTask):
     def label_names(self, train_set: Dataset) -> list[str]:
         return list(train_set.label_names)
 
+    def _logits(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        return model(batch["language_tokens"], batch["padding_mask"])
+
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, dict[str, float]]:
-        logits = model(batch["language_tokens"], batch["padding_mask"])
+        logits = self._logits(model, batch)
         return losses.classification_loss(logits, batch["label"]), {"acc": metrics.accuracy(logits.detach(), batch["label"]) / 100}
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
-        settings = settings or EvalSettings()
-        was_training = model.training
-        model.eval()
-        try:
-            logits, targets = [], []
-            for batch in self.device_batches(model, dataset, settings):
-                logits.append(model(batch["language_tokens"], batch["padding_mask"]).float().cpu())
-                targets.append(batch["label"].cpu())
-        finally:
-            model.train(was_training)
-        return {"acc": metrics.accuracy(torch.cat(logits), torch.cat(targets))}
+        return self.evaluate_accuracy(model, dataset, settings, self._logits)
 
     def chance_level(self, train_set: Dataset, test_set: Dataset) -> float:
         """Uniform guessing over the training split's labels."""

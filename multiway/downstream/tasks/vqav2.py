@@ -113,28 +113,21 @@ class VQAv2(DownstreamTask):
     @torch.no_grad()
     def evaluate(self, model: nn.Module, dataset: Dataset, settings: EvalSettings | None = None) -> dict[str, float]:
         settings = settings or EvalSettings()
-        was_training = model.training
-        model.eval()
-        try:
-            logits, targets, qids = [], [], []
-            for batch in self.device_batches(model, dataset, settings):
-                out = model(image=batch["image"], question=batch["language_tokens"], padding_mask=batch["padding_mask"])
-                logits.append(out.float().cpu())
-                if "labels" in batch:
-                    targets.append(batch["labels"].cpu())
-                if "qid" in batch:
-                    qids.append(batch["qid"].cpu())
-        finally:
-            model.train(was_training)
-        logits_t = torch.cat(logits)
+
+        def outputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
+            logits = model(image=batch["image"], question=batch["language_tokens"], padding_mask=batch["padding_mask"])
+            return {"logits": logits.float(), **{k: batch[k] for k in ("labels", "qid") if k in batch}}
+
+        out = self.gather_outputs(model, dataset, settings, outputs)
+        logits_t = out["logits"]
         result: dict[str, float] = {}
-        if targets:
-            result["vqa_score"] = metrics.vqa_score(logits_t, torch.cat(targets))
+        if "labels" in out:
+            result["vqa_score"] = metrics.vqa_score(logits_t, out["labels"])
             return result
         path = self.output_path(settings, f"submit_vqav2_{settings.split}.json")
-        if path is not None and qids:
+        if path is not None and "qid" in out:
             answers = [dataset.label2answer[i] for i in range(len(dataset.label2answer))]
-            metrics.write_vqa_submission(torch.cat(qids).tolist(), logits_t.argmax(-1).tolist(), answers, str(path))
+            metrics.write_vqa_submission(out["qid"].tolist(), logits_t.argmax(-1).tolist(), answers, str(path))
         return result
 
     def chance_level(self, train_set: Dataset, test_set: Dataset) -> float:
