@@ -57,6 +57,13 @@ def test_fsdp2_shards_parameters_gradients_and_states_over_the_fake_group():
     assert ddp.peak_bytes_per_rank == pytest.approx(single.peak_bytes_per_rank + single.grad_bytes, rel=0.02)
 
 
+def test_fsdp2_plans_the_dual_encoder_with_its_scalar_logit_scale_replicated():
+    # fully_shard refuses 0-dim parameters; the plan keeps logit_scale replicated as strategy=fsdp does
+    sharded = plan(PlanConfig(model=f"{TINY}_retrieval", batch=2, text_len=8, strategy="fsdp2", world_size=4))
+    single = plan(PlanConfig(model=f"{TINY}_retrieval", batch=2, text_len=8))
+    assert sharded.param_bytes == pytest.approx(single.param_bytes / 4, rel=0.1)
+
+
 def test_fit_batch_finds_the_largest_batch_under_the_budget():
     cfg = PlanConfig(model=TINY, precision="fp32", text_len=8)
     budget = plan(dataclasses.replace(cfg, batch=12)).peak_bytes_per_rank

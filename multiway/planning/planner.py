@@ -36,6 +36,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 from ..model.factory import create_model, split_model_name
+from ..train.distributed import average_gradients_across_ranks
 from .gpus import get_gpu, parse_bytes
 
 Task = Literal["auto", "backbone", "pretraining", "vqav2", "retrieval", "imageclassification", "nlvr2", "dense"]
@@ -359,12 +360,12 @@ def _shard(root: _Step, mesh: Any, precision: str) -> None:
     mp_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
 
     model = root.model
-    try:
-        for layer in model.beit3.encoder.layers if hasattr(model, "beit3") else model.encoder.layers:
-            fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
-        fully_shard(root, mesh=mesh, mp_policy=mp_policy)
-    except ValueError as e:  # e.g. a 0-d parameter, which the training loop's strategy=fsdp refuses the same way
-        raise ValueError(f"FSDP2 cannot shard {type(model).__name__}: {e}") from e
+    # 0-dim parameters (logit_scale) stay replicated with averaged gradients, as the training loop keeps them
+    scalars = {p for p in root.parameters() if p.ndim == 0}
+    for layer in model.beit3.encoder.layers if hasattr(model, "beit3") else model.encoder.layers:
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(root, mesh=mesh, mp_policy=mp_policy, ignored_params=scalars or None)
+    average_gradients_across_ranks(scalars)
 
 
 def _local_bytes(tensors: Any) -> int:

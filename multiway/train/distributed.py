@@ -133,11 +133,33 @@ def wrap_model(
         blocks = transformer_blocks(model)
         if not blocks:
             raise ValueError(f"strategy='fsdp': found no Transformer blocks (a ModuleList named 'layers') in {type(model).__name__}")
+        # fully_shard cannot split a 0-dim parameter (the dual encoders' logit_scale, whose shape [] is the official
+        # layout): such parameters stay replicated plain tensors and their gradients are averaged by a hook.
+        scalars = {p for p in model.parameters() if p.ndim == 0}
         for block in blocks:
-            fully_shard(block, mesh=mesh, mp_policy=mp)
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=scalars & set(block.parameters()) or None)
+        fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=scalars or None)
+        average_gradients_across_ranks(scalars)
         return model
     raise ValueError(f"unknown strategy {strategy!r}: expected 'ddp' or 'fsdp'")
+
+
+def average_gradients_across_ranks(params: set[nn.Parameter] | list[nn.Parameter]) -> None:
+    """Make ``params`` (replicated plain tensors beside FSDP2's sharded ones) data-parallel: each time autograd
+    accumulates a gradient into one of them, it is all-reduced and divided by the world size, as FSDP2's
+    reduce-scatter averages the sharded gradients. Under gradient accumulation the reduction runs every micro-batch;
+    the already averaged part is the same on every rank, so the result is still the mean of the summed gradients.
+    The optimizer then applies the same update on every rank, so the copies stay equal."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    world_size = dist.get_world_size()
+
+    def all_reduce_mean(param: nn.Parameter) -> None:
+        dist.all_reduce(param.grad)  # gloo has no AVG: sum, then divide
+        param.grad.div_(world_size)
+
+    for param in params:
+        param.register_post_accumulate_grad_hook(all_reduce_mean)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -193,6 +215,7 @@ __all__ = [
     "DistInfo",
     "all_reduce_mean",
     "any_rank",
+    "average_gradients_across_ranks",
     "barrier",
     "cleanup",
     "full_model_state_dict",
