@@ -17,8 +17,21 @@ from multiway.config import ConfigError, from_dict
 from multiway.downstream import metrics
 from multiway.downstream.evaluation import evaluate
 from multiway.downstream.finetune import FinetuneConfig, finetune
-from multiway.downstream.tasks import TASKS, DataSettings, DownstreamTask, EvalSettings, PredictCommand, get_task, task_for_head
-from multiway.meter.tasks import METER_TASKS
+from multiway.downstream.tasks import (
+    FAMILY_TASKS,
+    TASKS,
+    DataSettings,
+    DownstreamTask,
+    EvalSettings,
+    PredictCommand,
+    get_task,
+    model_family,
+    task_for_head,
+    task_names,
+)
+
+# every registered class: BEiT-3's by name, the other families' by (name, family)
+ALL_TASKS = {**{(name, "beit3"): cls for name, cls in TASKS.items()}, **{key: get_task(*key) for key in FAMILY_TASKS}}
 
 ROOT = Path(__file__).resolve().parents[1]
 # the official task names of the BEiT-3 paper's benchmarks (and our text task)
@@ -27,19 +40,38 @@ OFFICIAL = ["imagenet", "vqav2", "nlvr2", "coco_retrieval", "flickr30k", "coco_c
 
 def test_registry_holds_the_official_names():
     assert list(TASKS)[: len(OFFICIAL)] == OFFICIAL
-    for name, cls in {**TASKS, **METER_TASKS}.items():
+    for (name, family), cls in ALL_TASKS.items():
         assert cls.name == name, f"{cls.__name__}.name is {cls.name!r} but it is registered as {name!r}"
+        assert cls.family == family, f"{cls.__name__}.family is {cls.family!r} but it is registered for {family!r}"
     assert get_task("vqav2") is TASKS["vqav2"]
-    with pytest.raises(KeyError, match=r"unknown task 'vqa3'; valid tasks: imagenet, vqav2, nlvr2"):
+    with pytest.raises(KeyError, match=r"unknown task 'vqa3' for beit3 models; valid tasks: imagenet, vqav2, nlvr2"):
         get_task("vqa3")
     assert task_for_head("retrieval") is TASKS["coco_retrieval"]  # the first task of that head
     with pytest.raises(KeyError, match="no task builds a 'bogus' model"):
         task_for_head("bogus")
 
 
-@pytest.mark.parametrize("name", [*TASKS, *(f"meter:{n}" for n in METER_TASKS)])
-def test_every_task_satisfies_the_interface(name):
-    cls = METER_TASKS[name[len("meter:"):]] if name.startswith("meter:") else TASKS[name]
+def test_one_registry_for_both_families():
+    from multiway.meter.snli_ve import SNLIVE
+    from multiway.meter.tasks import METERVQA
+
+    assert get_task("vqav2", "meter") is METERVQA and issubclass(METERVQA, TASKS["vqav2"])  # METER's VQA reuses BEiT-3's data
+    assert get_task("snli_ve", "meter") is SNLIVE and "snli_ve" in task_names() and "snli_ve" not in task_names("beit3")
+    assert model_family("meter_tiny_vit_bert_coattn") == "meter" and model_family("beit3_tiny_patch8_32") == "beit3"
+    with pytest.raises(KeyError, match="unknown task 'snli_ve' for beit3 models"):
+        get_task("snli_ve")
+    with pytest.raises(KeyError, match="unknown task 'imagenet' for meter models; valid tasks: vqav2, nlvr2"):
+        get_task("imagenet", "meter")
+    with pytest.raises(KeyError, match="unknown model preset 'meter_huge'"):
+        model_family("meter_huge")
+    with pytest.raises(ConfigError, match="task: unknown task 'imagenet' for meter models"):
+        from_dict(FinetuneConfig, {"task": "imagenet", "data_dir": "d", "out_dir": "o", "model": {"preset": "meter_tiny_vit_bert_coattn"},
+                                   "train": {"max_steps": 1}})
+
+
+@pytest.mark.parametrize("key", list(ALL_TASKS), ids=[f"{f}:{n}" for n, f in ALL_TASKS])
+def test_every_task_satisfies_the_interface(key):
+    cls = ALL_TASKS[key]
     assert issubclass(cls, DownstreamTask) and not inspect.isabstract(cls), f"{cls.__name__} leaves {cls.__abstractmethods__}"
     assert cls.name and cls.head and cls.metric and cls.metric_label and cls.splits, cls
     assert "train" in cls.splits and all(isinstance(files, tuple) and files for files in cls.splits.values())
@@ -162,7 +194,7 @@ RUNNERS = ["multiway/downstream/finetune.py", "multiway/downstream/evaluation.py
 
 
 def _branch_pattern() -> re.Pattern:
-    names = {*TASKS, *(c.head for c in TASKS.values()), *METER_TASKS, *(c.head for c in METER_TASKS.values())}
+    names = {*task_names(), *(c.head for c in ALL_TASKS.values()), "vqa", "retrieval", "captioning"}  # + the METER study's names
     alt = "|".join(sorted(map(re.escape, names), key=len, reverse=True))
     return re.compile(rf"""(==|!=)\s*["']({alt})["']|["']({alt})["']\s*(==|!=)|\bin\s*[(\[{{][^)\]}}]*["']({alt})["'][^)\]}}]*[)\]}}]\s*:"""
                       r"""|\.head\s+in\s*[(\[{]""")

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from ..config import add_config_arguments, config_from_args
-from .tasks import TASKS, PredictCommand
+from .tasks import TASKS, PredictCommand, task_names
 
 
 def _updates(args: argparse.Namespace, flags: dict[str, str]) -> dict[str, Any]:
@@ -85,11 +85,16 @@ def _predict(args: argparse.Namespace) -> int:
     from .inference import load_predictor
 
     pred = load_predictor(args.model, tokenizer=args.tokenizer, labels=getattr(args, "labels", None), model_name=args.model_name)
+    offered = type(pred.downstream).predict_commands
+    if args.predict_command not in offered:
+        names = ", ".join(c.name for c in offered) or "none"
+        raise ValueError(f"predict {args.predict_command.name}: {args.model} is a {pred.downstream.family} {pred.downstream.name} model; "
+                         f"its predictions: {names}")
     return args.predict_command.run(args, pred)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    tasks = list(TASKS)
+    tasks = task_names()  # every family's: a METER preset (model.preset=meter_...) also trains snli_ve
     p = subparsers.add_parser("finetune", help="fine-tune a task head (official recipes as YAML presets in configs/)")
     p.add_argument("task", choices=tasks)
     add_config_arguments(p, "YAML config (configs/finetune_*.yaml); flags and key=value overrides change it")

@@ -13,7 +13,8 @@ from torch.utils.data import Dataset
 
 from ..config import deep_update, read_yaml_mapping
 from .finetune import load_tokenizer
-from .tasks import DataSettings, EvalSettings, get_task
+from .tasks import DataSettings, EvalSettings, get_task, model_file_family
+from .tasks.base import evaluation_mode
 
 
 @dataclass
@@ -40,7 +41,6 @@ def evaluate(model: str | Path, task: str | None = None, data_dir: str | None = 
     The metrics are returned and written to ``<out_dir>/eval_<split>.json``; the task writes its prediction files
     there too (VQA submission for unlabelled splits, generated captions). Arguments: see :class:`EvaluateConfig`.
     """
-    import multiway
 
     path = Path(model)
     saved: dict[str, Any] = {}
@@ -62,22 +62,23 @@ def evaluate(model: str | Path, task: str | None = None, data_dir: str | None = 
     data_dir = data_dir or saved.get("data_dir")
     if not task or not data_dir:
         raise ValueError(f"evaluate {model}: give task and data_dir (or a run folder written by `multiway finetune`)")
-    task_cls = get_task(task)
+    task_cls = get_task(task, model_file_family(str(path)))
     downstream = task_cls(deep_update(meta.get("options") or saved.get("options") or {}, options or {}))
-    net = multiway.create_model(path)
+    net = task_cls.load_model(path)
     net.to(torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
     tok = load_tokenizer(tokenizer or saved.get("tokenizer") or meta.get("tokenizer"))
     if tok is None and extras is not None and extras.tokenizer is not None:
         from ..tokenizers.text import TextTokenizer
 
         tok = TextTokenizer.from_bytes(extras.tokenizer, f"{path} (embedded tokenizer)")
-    data = DataSettings(data_dir, tokenizer=tok,
-                        max_text_len=int(saved.get("max_text_len", meta.get("max_text_len", 64))), img_size=net.config.img_size,
-                        labels=meta.get("labels"))
+    img_size = task_cls.model_limits(net)[0]
+    data = DataSettings(data_dir, tokenizer=tok, max_text_len=int(saved.get("max_text_len", meta.get("max_text_len", 64))),
+                        img_size=img_size, labels=meta.get("labels"))
     dataset = downstream.build_dataset(split, data)
     results = Path(out_dir) if out_dir else folder
     settings = EvalSettings(batch_size=batch_size, num_workers=num_workers, out_dir=str(results), split=split)
-    result = downstream.evaluate(net, dataset, settings)
+    with evaluation_mode(net):
+        result = downstream.evaluate(net, dataset, settings)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"eval_{split}.json").write_text(json.dumps(result, indent=2))
     return result

@@ -27,7 +27,8 @@ from ..log import get_logger
 from ..model.config import MultiwayConfig
 from ..train import TrainConfig, train
 from ..train.rng import seed_everything
-from .tasks import DataSettings, DownstreamTask, EvalSettings, get_task
+from .tasks import DataSettings, DownstreamTask, EvalSettings, get_task, model_family
+from .tasks.base import evaluation_mode
 
 logger = get_logger(__name__)
 
@@ -102,7 +103,11 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         try:
-            task_cls = get_task(self.task)
+            family = model_family(self.model.preset)
+        except KeyError as e:
+            raise ConfigError(f"model.preset: {e.args[0]}") from None
+        try:
+            task_cls = get_task(self.task, family)
         except KeyError as e:
             raise ConfigError(f"task: {e.args[0]}") from None
         self.options = task_cls.make_options(self.options)
@@ -110,8 +115,8 @@ class FinetuneConfig:
             raise ConfigError("set the run's length: train.max_steps or epochs")
 
     def task_instance(self) -> DownstreamTask:
-        """The configured task (its class from the registry, with ``options``)."""
-        return get_task(self.task)(self.options)
+        """The configured task: its class from the registry for the preset's model family, with ``options``."""
+        return get_task(self.task, model_family(self.model.preset))(self.options)
 
     def data_settings(self, img_size: int, tokenizer: Any, labels: list[str] | None = None) -> DataSettings:
         return DataSettings(self.data_dir, tokenizer=tokenizer, max_text_len=self.max_text_len, img_size=img_size,
@@ -149,7 +154,8 @@ def check_model_size(cfg: FinetuneConfig, config_given: bool, allow_large: bool 
     ``--allow-large`` flag) or a GPU lets it run."""
     import torch
 
-    if config_given or allow_large or torch.cuda.is_available():
+    # a METER preset is always named by the user (the default preset is BEiT-3's), so only BEiT-3 is checked
+    if config_given or allow_large or torch.cuda.is_available() or model_family(cfg.model.preset) != "beit3":
         return
     params = backbone_parameters(cfg)
     if params >= LARGE_MODEL_PARAMS:
@@ -159,9 +165,11 @@ def check_model_size(cfg: FinetuneConfig, config_given: bool, allow_large: bool 
             f"model.preset=beit3_tiny_patch8_32, or --allow-large to run it anyway")
 
 
-def build_task_model(task: DownstreamTask, cfg: FinetuneConfig, num_classes: int | None) -> nn.Module:
-    """The task's model on ``cfg.model`` (preset + overrides), initialised from ``cfg.model.init`` (or from scratch)."""
-    model = task.build_model({"preset": cfg.model.preset, **cfg.model.config_overrides()}, num_classes)
+def build_task_model(task: DownstreamTask, cfg: FinetuneConfig, num_classes: int | None, tokenizer: Any = None) -> nn.Module:
+    """The task's model on ``cfg.model`` (preset + overrides; a METER preset's text side sized to ``tokenizer``),
+    initialised from ``cfg.model.init`` (or from scratch)."""
+    source = task.model_source(cfg.model.preset, cfg.model.config_overrides(), tokenizer, cfg.max_text_len)
+    model = task.build_model(source, num_classes)
     if cfg.model.init:
         report = task.load_init(model, cfg.model.init)
         logger.info("init from %s: %s", cfg.model.init, report)
@@ -184,11 +192,9 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
 
     Returns the evaluation metrics (also written to ``out_dir/eval_<split>.json``).
     """
-    import multiway
-
     task = cfg.task_instance()
     tok = load_tokenizer(cfg.tokenizer)
-    img_size = multiway.get_config(cfg.model.preset, **cfg.model.config_overrides()).img_size
+    img_size = task.model_img_size(cfg.model.preset, cfg.model.config_overrides())
     train_set = task.build_dataset("train", cfg.data_settings(img_size, tok))
     num_classes = task.num_classes(train_set)
     if num_classes is not None and cfg.model.num_classes:
@@ -196,7 +202,7 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
     if model is None:
         # a fresh head (and a from-scratch backbone) must not depend on what this process drew before
         seed_everything(int(cfg.train.seed))
-        model = build_task_model(task, cfg, num_classes)
+        model = build_task_model(task, cfg, num_classes, tok)
     labels = task.label_names(train_set)
     eval_set = task.build_dataset(cfg.eval_split, cfg.data_settings(img_size, tok, labels))
     tcfg = _train_config(cfg, task, max(1, len(train_set) // cfg.batch_size), progress)
@@ -208,12 +214,13 @@ def finetune(cfg: FinetuneConfig, model: nn.Module | None = None, progress: bool
     train(model, task.train_task(train_set, cfg.batch_size, num_workers=cfg.num_workers, accum_steps=tcfg.accum_steps), tcfg)
     train_s = time.perf_counter() - t0
     # the model file carries its tokenizer, preprocessing and task, so it predicts and evaluates on its own
-    multiway.save_pretrained(model, out / "model.safetensors", tokenizer=tok,
-                             preprocessing=task.preprocessing(img_size, cfg.max_text_len), task=task_file_metadata(task, train_set, cfg))
+    task.save_model(model, out / "model.safetensors", tokenizer=tok, preprocessing=task.preprocessing(img_size, cfg.max_text_len),
+                    task=task_file_metadata(task, train_set, cfg))
     write_task_json(out, cfg, task, train_set)
     save_config(cfg, out / "finetune_config.yaml")
     t0 = time.perf_counter()
-    result = task.evaluate(model, eval_set, eval_settings)
+    with evaluation_mode(model):  # as the loop's evaluations: a task whose evaluate leaves the mode alone (METER's) scores without dropout
+        result = task.evaluate(model, eval_set, eval_settings)
     (out / f"eval_{cfg.eval_split}.json").write_text(json.dumps(result, indent=2))
     (out / "timing.json").write_text(json.dumps({"train_s": round(train_s, 2), "eval_s": round(time.perf_counter() - t0, 2)}))
     return result

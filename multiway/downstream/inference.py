@@ -43,7 +43,7 @@ class Predictor:
 
     @property
     def img_size(self) -> int:
-        return self.model.config.img_size
+        return self.downstream.model_limits(self.model)[0]
 
 
 @dataclass
@@ -112,10 +112,11 @@ def load_predictor(
     from multiway.model.checkpoints import ModelExtras, read_model_extras
     from multiway.model.factory import model_name_of
 
-    from .tasks import get_task, task_for_head
+    from .tasks import get_task, model_file_family, task_for_head
 
     meta: dict = {}
     extras = ModelExtras()
+    family = "beit3"
     if isinstance(model, nn.Module):
         net = model
     else:
@@ -130,14 +131,22 @@ def load_predictor(
             from multiway.model.factory import fitting_presets_message
 
             raise ValueError(fitting_presets_message(path))
-        net = multiway.create_model(model_name, pretrained=path) if model_name else multiway.create_model(path)
         extras = read_model_extras(path)
         # what the file embeds fills in what task.json does not say (a file saved by save_pretrained / convert)
         meta = {**(extras.task or {}), **{k: v for k, v in meta.items() if v is not None}}
+        family = model_file_family(str(path))
+        if family != "beit3":  # another family's file names its task: that class rebuilds the model
+            if not meta.get("task"):
+                raise ValueError(f"{model}: a {family} model file without its task cannot predict; save it with task= "
+                                 "(multiway finetune does)")
+            net = get_task(meta["task"], family).load_model(path)
+        else:
+            net = multiway.create_model(model_name, pretrained=path) if model_name else multiway.create_model(path)
+    family = meta.get("family", family)
     head = meta.get("model_task") or model_name_of(net)
     if not head:
         raise ValueError(f"{model}: a bare backbone cannot predict; give a task model (captioning, vqav2, ...)")
-    task_cls = get_task(meta["task"]) if meta.get("task") else task_for_head(head)
+    task_cls = get_task(meta["task"], family) if meta.get("task") else task_for_head(head)
     downstream = task_cls(meta.get("options"))
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     net = net.to(device).eval()
@@ -160,10 +169,10 @@ def load_predictor(
         model=net,
         task=head,
         downstream=downstream,
-        transform=transform_from_preprocessing(pre) if pre else downstream.eval_transform(net.config.img_size),
+        transform=transform_from_preprocessing(pre) if pre else downstream.eval_transform(task_cls.model_limits(net)[0]),
         tokenizer=tok,
         labels=list(labels) if labels is not None else None,
-        max_text_len=min(int(meta.get("max_text_len") or pre.get("max_text_len") or 64), net.config.max_text_positions - 2),
+        max_text_len=min(int(meta.get("max_text_len") or pre.get("max_text_len") or 64), task_cls.model_limits(net)[1]),
     )
 
 
@@ -243,8 +252,15 @@ def image_batches(pred: Predictor, paths: Sequence[Path], batch_size: int, resul
             yield torch.stack(tensors).to(pred.device), ok
 
 
-def require(pred: Predictor, head: str, tokenizer: bool = False, labels: bool = False) -> None:
-    """Refuse a predictor of another head, or one without the tokenizer / label names the prediction needs."""
+def require(pred: Predictor, task: str | type, tokenizer: bool = False, labels: bool = False) -> None:
+    """Refuse a predictor of another head, or one without the tokenizer / label names the prediction needs.
+
+    task: the head (a model-registry suffix), or a task class: then the predictor's task must be that class or a
+    subclass of it (a METER task of the same data), with its head."""
+    if isinstance(task, type):
+        head = pred.downstream.head if isinstance(pred.downstream, task) else task.head
+    else:
+        head = task
     if pred.task != head:
         raise ValueError(f"this needs a {head} model, got a {pred.task} model")
     if tokenizer and pred.tokenizer is None:

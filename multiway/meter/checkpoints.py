@@ -46,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from ..model.checkpoints import CheckpointError, LoadReport, _atomic_write, _short, raise_unfit
+from ..model.checkpoints import CheckpointError, LoadReport, _atomic_write, _short, extras_metadata, raise_unfit
 from .config import DecoderConfig, FusionConfig, MeterConfig, TextEncoderConfig, VisionEncoderConfig
 from .model import METERForNLVR2, METERForPretraining, METERForRetrieval, METERForSNLIVE, METERForVQA, METERModel, _Wrapper
 
@@ -434,8 +434,11 @@ def _head_kwargs(model: _Wrapper) -> dict[str, Any]:
     return {}
 
 
-def save_meter(model: _Wrapper, path: str | os.PathLike) -> Path:
-    """Save a METER task wrapper as safetensors with its config, class and special ids embedded (atomic write)."""
+def save_meter(model: _Wrapper, path: str | os.PathLike, tokenizer: Any = None, preprocessing: Mapping[str, Any] | None = None,
+               task: Mapping[str, Any] | None = None) -> Path:
+    """Save a METER task wrapper as safetensors with its config, class and special ids embedded (atomic write);
+    ``tokenizer`` / ``preprocessing`` / ``task`` are embedded as :func:`multiway.save_pretrained` does, so
+    ``multiway.load`` and ``multiway evaluate`` / ``predict`` need nothing else."""
     path = Path(path)
     m = model.meter
     metadata = {
@@ -444,6 +447,7 @@ def save_meter(model: _Wrapper, path: str | os.PathLike) -> Path:
         "meter_task": type(model).__name__,
         "meter_head_kwargs": json.dumps(_head_kwargs(model)),
         "meter_special_ids": json.dumps(dict(pad_id=m.pad_id, bos_id=m.bos_id, eos_id=m.eos_id)),
+        **extras_metadata(tokenizer, preprocessing, task),
     }
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))

@@ -23,6 +23,7 @@ from ..data.index_dataset import IndexDataset
 from ..downstream import metrics
 from ..downstream.tasks.base import DataSettings, DownstreamTask, EvalSettings
 from .arrow import SNLI_LABELS
+from .family import METERFamily
 from .model import METERForSNLIVE
 
 #: METER's fine-tuning recipe for SNLI-VE (meter/config.py, task_finetune_snli_*).
@@ -46,8 +47,9 @@ class SNLIVEDataset(IndexDataset):
         return {"image": self._image(item["image_path"], item), "language_tokens": ids, "padding_mask": pad, "label": int(label)}
 
 
-class SNLIVE(DownstreamTask):
-    """SNLI-VE on a METER model: image + hypothesis -> 3 classes; cross-entropy; accuracy."""
+class SNLIVE(METERFamily, DownstreamTask):
+    """SNLI-VE on a METER model: image + hypothesis -> 3 classes; cross-entropy; accuracy. Inits from a METER
+    release (its ``snli_classifier`` loads when present) or a METER file (:class:`METERFamily`)."""
 
     name = "snli_ve"
     head = "snli_ve"
@@ -70,12 +72,6 @@ class SNLIVE(DownstreamTask):
         if num_classes not in (None, len(SNLI_LABELS)):
             raise ValueError(f"SNLI-VE has {len(SNLI_LABELS)} classes, got num_classes={num_classes}")
         return METERForSNLIVE(source)
-
-    def load_init(self, model: nn.Module, path: str) -> Any:
-        """A METER release (``.ckpt``) through METER's key layout; its ``snli_classifier`` loads when present."""
-        from .checkpoints import load_official_checkpoint
-
-        return load_official_checkpoint(model, path)
 
     def _logits(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
         return model(batch["image"], batch["language_tokens"], batch["padding_mask"])

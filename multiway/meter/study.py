@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 
 from ..config import check_literals
-from ..downstream.tasks import EvalSettings
+from ..downstream.tasks import EvalSettings, get_task
 from ..downstream.tasks.base import task_options_fields
 from ..log import get_logger
 from ..train.loop import train
@@ -38,7 +38,7 @@ from .config import TINY_TEXT, MeterConfig, tiny_config
 from .model import METERForPretraining, count_parameters
 from .objectives import TextSpec, load_mim_tokenizer
 from .optim import train_config
-from .tasks import get_meter_task, pretraining_task
+from .tasks import pretraining_task
 
 # encoder pairs of the grid: name -> (tiny vision encoder, tiny text encoder, text encoder pre-trained locally?)
 ENCODERS: dict[str, tuple[str, str, bool]] = {
@@ -61,6 +61,8 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "mlm+itm+mim_vqkd": dict(mlm=True, itm=True, mim=True, mim_target="vqkd", vqkd_tokenizer="vqkd_tiny_patch8_32"),
 }
 TASKS = ("vqa", "nlvr2", "retrieval", "captioning")
+# the grid's task names -> the official task names of the registry (METER's classes: get_task(name, "meter"))
+OFFICIAL_TASKS = {"vqa": "vqav2", "nlvr2": "nlvr2", "retrieval": "coco_retrieval", "captioning": "coco_captioning"}
 # the cell's identity in the table (the seed is averaged over)
 CELL_KEYS = ("fusion", "architecture", "objectives", "encoders", "lr_mult_top")
 # the discriminative metrics the claims are judged on
@@ -168,7 +170,7 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     # the pairs of pretraining (retrieval's files) and the priors' data (vqa, nlvr2), then every task of the grid;
     # METER's tasks train on evaluation views by default (no flips: the data talks about places)
     for name in dict.fromkeys(["retrieval", "vqa", "nlvr2", *cfg.tasks]):
-        task = get_meter_task(name)()
+        task = get_task(OFFICIAL_TASKS[name], "meter")()
         for split in ("train", "val"):
             ds = task.build_dataset(split, settings)
             if split == "val" and len(ds) > cfg.max_eval_items:
@@ -253,7 +255,7 @@ def run_cell(cfg: StudyConfig, mc: MeterConfig, data: StudyData) -> dict[str, An
     row["pretrain_loss"] = res.get("loss", float("nan"))
     row["bad_steps"] = res["bad_steps"]
     for name in cfg.tasks:
-        task_cls = get_meter_task(name)
+        task_cls = get_task(OFFICIAL_TASKS[name], "meter")
         caption_metrics = {"fast_metrics": not cfg.java_caption_metrics} if "fast_metrics" in task_options_fields(task_cls) else {}
         task = task_cls(caption_metrics)
         if not task.fits(model.meter):

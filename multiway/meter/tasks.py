@@ -32,9 +32,9 @@ from ..downstream.tasks.retrieval import CocoRetrieval
 from ..downstream.tasks.vqav2 import VQAv2
 from ..train import MapDatasetTask
 from .config import MeterConfig, ObjectiveConfig
+from .family import METERFamily
 from .model import METERForCaptioning, METERForNLVR2, METERForPretraining, METERForRetrieval, METERForVQA, METERModel
 from .objectives import TextSpec, itc_logits, itc_loss, pretraining_loss
-from .snli_ve import SNLIVE
 
 
 def _batches(dataset: Dataset, collate_fn: Callable | None, batch_size: int) -> Iterable[dict]:
@@ -292,8 +292,9 @@ def _meter_of(source: Any) -> METERModel:
     return meter
 
 
-class _METERTask:
-    """What METER's tasks share: training views (:class:`METERTaskOptions`), and the columns they give the study.
+class _METERTask(METERFamily):
+    """What METER's tasks share: the METER model family (:class:`~multiway.meter.family.METERFamily`), training
+    views (:class:`METERTaskOptions`), and the columns they give the study.
 
     ``study_columns`` maps a key of :meth:`evaluate`'s result to a column of the METER study's table;
     ``needs_decoder``: the task runs on encoder-decoder models only.
@@ -319,8 +320,12 @@ class _METERTask:
 class METERVQA(_METERTask, VQAv2):
     """VQAv2 on a METER model: pooled [text CLS ; image CLS] -> MLP over the answers; BCE x answers; VQA score."""
 
-    name, head = "vqa", "meter_vqa"
+    name, head = "vqav2", "meter_vqa"
     study_columns = {"vqa_score": "vqa_score"}
+
+    def _logits(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        """Answer logits (B, C): what ``multiway predict vqa`` ranks."""
+        return model(batch["image"], batch["language_tokens"], batch["padding_mask"])
 
     def build_model(self, source: Any, num_classes: int | None = None) -> nn.Module:
         """source: the METER model (or pretraining model) the head goes on."""
@@ -343,6 +348,10 @@ class METERNLVR2(_METERTask, NLVR2):
     metric = "nlvr2_acc"
     study_columns = {"nlvr2_acc": "nlvr2_acc"}
 
+    def _logits(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        """True/false logits (B, 2) of a batch's image pairs and statements: what ``multiway predict nlvr2`` reads."""
+        return model(batch["image"], batch["image2"], batch["language_tokens"], batch["padding_mask"])
+
     def build_model(self, source: Any, num_classes: int | None = None) -> nn.Module:
         return METERForNLVR2(_meter_of(source))
 
@@ -358,10 +367,13 @@ class METERRetrieval(_METERTask, CocoRetrieval):
     """Image-text retrieval on a METER model: ITC candidates re-ranked by the fusion encoder's ranking head;
     recall both ways, headline ``average`` (re-ranked mean recall)."""
 
-    name, head = "retrieval", "meter_retrieval"
+    name, head = "coco_retrieval", "meter_retrieval"
     metric, metric_label = "average", "mean recall (re-ranked)"
     Options = METERRetrievalOptions
     zero_shot_from_pretraining = False
+    # no prediction on user files yet: BEiT-3's embed/search use its dual encoder's API
+    predict_commands = ()
+    predict = DownstreamTask.predict
     study_columns = {"ir_r@1": "ir_r@1", "tr_r@1": "tr_r@1", "average": "ret_avg", "dual_average": "ret_dual_avg"}
 
     def build_model(self, source: Any, num_classes: int | None = None) -> nn.Module:
@@ -382,10 +394,12 @@ class METERCaptioning(_METERTask, CocoRetrieval):
     item): teacher-forced next-token loss; greedy captions per distinct image, CIDEr and BLEU-4 against all its
     captions."""
 
-    name, head = "captioning", "meter_captioning"
+    name, head = "coco_captioning", "meter_captioning"
     metric, metric_label = "cider", "CIDEr"
     Options = METERCaptioningOptions
     zero_shot_from_pretraining = False
+    predict_commands = ()
+    predict = DownstreamTask.predict
     needs_decoder = True
     study_columns = {"cider": "cider", "bleu4": "bleu4"}
 
@@ -444,20 +458,3 @@ def _item_ids(dataset: Dataset, i: int) -> list[int]:
 
 def _item_image_id(dataset: Dataset, i: int) -> int:
     return int(_item(dataset, i)["image_id"])
-
-
-# METER task name -> its class (the study's tasks and SNLI-VE)
-METER_TASKS: dict[str, type[DownstreamTask]] = {
-    "vqa": METERVQA,
-    "nlvr2": METERNLVR2,
-    "retrieval": METERRetrieval,
-    "captioning": METERCaptioning,
-    "snli_ve": SNLIVE,
-}
-
-
-def get_meter_task(name: str) -> type[DownstreamTask]:
-    """The class of METER's task ``name`` (a key of :data:`METER_TASKS`)."""
-    if name not in METER_TASKS:
-        raise KeyError(f"unknown METER task {name!r}; valid: {', '.join(METER_TASKS)}")
-    return METER_TASKS[name]

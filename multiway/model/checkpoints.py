@@ -310,6 +310,30 @@ def read_model_extras(path: str | os.PathLike) -> ModelExtras:
     return extras
 
 
+def extras_metadata(tokenizer: Any = None, preprocessing: Mapping[str, Any] | None = None,
+                    task: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """The safetensors metadata entries that embed a tokenizer, preprocessing and task (what :func:`read_model_extras`
+    reads back); any model family's file takes them (:func:`save_pretrained`, ``multiway.meter.checkpoints.save_meter``).
+
+    tokenizer: a :class:`~multiway.tokenizers.TextTokenizer` or the path of a SentencePiece model (None: none embedded).
+    """
+    metadata: dict[str, str] = {}
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            from ..tokenizers.text import TextTokenizer
+
+            tokenizer = TextTokenizer(tokenizer)
+        if not hasattr(tokenizer, "serialized"):
+            raise TypeError(f"tokenizer must be a TextTokenizer or a SentencePiece model path, got {type(tokenizer).__name__}")
+        metadata["text_tokenizer"] = base64.b64encode(tokenizer.serialized()).decode("ascii")
+        metadata["text_tokenizer_ids"] = TOKENIZER_IDS
+    if preprocessing is not None:
+        metadata["preprocessing"] = json.dumps(dict(preprocessing))
+    if task is not None:
+        metadata["task"] = json.dumps(dict(task))
+    return metadata
+
+
 def save_pretrained(
     model: nn.Module,
     path: str | os.PathLike,
@@ -340,19 +364,7 @@ def save_pretrained(
         "model_name": model_name_of(model),
         "head_config": json.dumps(head_config),
     }
-    if tokenizer is not None:
-        if isinstance(tokenizer, (str, os.PathLike)):
-            from ..tokenizers.text import TextTokenizer
-
-            tokenizer = TextTokenizer(tokenizer)
-        if not hasattr(tokenizer, "serialized"):
-            raise TypeError(f"tokenizer must be a TextTokenizer or a SentencePiece model path, got {type(tokenizer).__name__}")
-        metadata["text_tokenizer"] = base64.b64encode(tokenizer.serialized()).decode("ascii")
-        metadata["text_tokenizer_ids"] = TOKENIZER_IDS
-    if preprocessing is not None:
-        metadata["preprocessing"] = json.dumps(dict(preprocessing))
-    if task is not None:
-        metadata["task"] = json.dumps(dict(task))
+    metadata.update(extras_metadata(tokenizer, preprocessing, task))
     # safetensors refuses shared storage; clone so tied/expanded tensors save cleanly.
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     _atomic_write(path, lambda tmp: save_file(state, tmp, metadata=metadata))

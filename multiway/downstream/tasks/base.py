@@ -142,6 +142,9 @@ class DownstreamTask(abc.ABC):
     zero_shot_from_pretraining: ClassVar[bool] = False
     #: ``multiway predict`` sub-commands offered on user files
     predict_commands: ClassVar[tuple[PredictCommand, ...]] = ()
+    #: the family of the task's models (``FAMILIES`` of :mod:`multiway.downstream.tasks`): how they are built from a
+    #: preset, saved and loaded (:meth:`model_source`, :meth:`save_model`, :meth:`load_model`)
+    family: ClassVar[str] = "beit3"
 
     def __init__(self, options: Any = None) -> None:
         self.options = self.make_options(options)
@@ -225,6 +228,38 @@ class DownstreamTask(abc.ABC):
             overrides["num_classes"] = num_classes
         return multiway.create_model(f"{preset}_{self.head}", **overrides)
 
+    def model_source(self, preset: str, overrides: Mapping[str, Any], tokenizer: Any = None, max_text_len: int = 64) -> Any:
+        """What :meth:`build_model` builds on for a config's ``model.preset`` and its field ``overrides``: for BEiT-3
+        ``{"preset": preset, **overrides}`` (the tokenizer and text length are the data's business)."""
+        return {"preset": preset, **overrides}
+
+    def model_img_size(self, preset: str, overrides: Mapping[str, Any]) -> int:
+        """Side S of the images the preset's model takes (the datasets are built before the model)."""
+        from ...model.config import get_config
+
+        return get_config(preset, **overrides).img_size
+
+    def save_model(self, model: nn.Module, path: str | Path, tokenizer: Any = None, preprocessing: Mapping[str, Any] | None = None,
+                   task: Mapping[str, Any] | None = None) -> Path:
+        """Save a fine-tuned model as one ``.safetensors`` that :meth:`load_model` rebuilds, with the tokenizer,
+        preprocessing and task embedded (:func:`multiway.save_pretrained`)."""
+        import multiway
+
+        return multiway.save_pretrained(model, path, tokenizer=tokenizer, preprocessing=preprocessing, task=task)
+
+    @classmethod
+    def load_model(cls, path: str | Path) -> nn.Module:
+        """The model a :meth:`save_model` file holds (:func:`multiway.create_model`)."""
+        import multiway
+
+        return multiway.create_model(path)
+
+    @classmethod
+    def model_limits(cls, model: nn.Module) -> tuple[int, int]:
+        """(S, T): the image side and the most text tokens a model of the family takes (what inference sizes its
+        inputs to)."""
+        return model.config.img_size, model.config.max_text_positions - 2
+
     def load_init(self, model: nn.Module, path: str) -> Any:
         """Initialise ``model`` from a checkpoint (official ``.pth``, multiway ``.safetensors``); returns the
         load report."""
@@ -272,7 +307,8 @@ class DownstreamTask(abc.ABC):
 
     def metadata(self, train_set: Dataset) -> dict[str, Any]:
         """What inference needs beside the weights (written to ``task.json``)."""
-        return {"task": self.name, "model_task": self.head, "normalize": self.normalize, "labels": self.label_names(train_set)}
+        return {"task": self.name, "family": self.family, "model_task": self.head, "normalize": self.normalize,
+                "labels": self.label_names(train_set)}
 
     def train_task(self, train_set: Dataset, batch_size: int, num_workers: int = 0, accum_steps: int = 1,
                    eval_set: Dataset | None = None, eval_settings: EvalSettings | None = None) -> TaskTrainer:

@@ -32,7 +32,7 @@ class NLVR2Dataset(IndexDataset):
 @torch.no_grad()
 def judge(pred: Predictor, image_a: str | Path, image_b: str | Path, statement: str) -> Result:
     """Is ``statement`` true of the image pair? One row ``{"image_a", "image_b", "statement", "true", "prob_true"}``."""
-    require(pred, NLVR2.head, tokenizer=True)
+    require(pred, NLVR2, tokenizer=True)
     result = Result()
     pair = list_images([image_a, image_b])
     tensors, ok, errors = read_images(pair, pred.transform)
@@ -41,7 +41,8 @@ def judge(pred: Predictor, image_a: str | Path, image_b: str | Path, statement: 
         return result
     ids, pad = encode_texts(pred, [statement])
     a, b = (t.unsqueeze(0).to(pred.device) for t in tensors)
-    prob = pred.model(image_a=a, image_b=b, text_description=ids, padding_mask=pad).float().softmax(-1)[0, 1].item()
+    batch = {"image": a, "image2": b, "language_tokens": ids, "padding_mask": pad}
+    prob = pred.downstream._logits(pred.model, batch).float().softmax(-1)[0, 1].item()
     result.rows.append({"image_a": str(pair[0]), "image_b": str(pair[1]), "statement": statement, "true": prob > 0.5,
                         "prob_true": round(prob, 4)})
     return result

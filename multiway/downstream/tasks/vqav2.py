@@ -54,11 +54,12 @@ class VQAv2Dataset(IndexDataset):
 @torch.no_grad()
 def answer(pred: Predictor, inputs: Iterable[str], question: str, topk: int = 3, batch_size: int = 16) -> Result:
     """Answer ``question`` about every image: rows ``{"path", "question", "answer", "top": [[answer, prob], ...]}``."""
-    require(pred, VQAv2.head, tokenizer=True, labels=True)
+    require(pred, VQAv2, tokenizer=True, labels=True)
     result = Result()
     for images, ok in image_batches(pred, list_images(inputs), batch_size, result):
         ids, pad = encode_texts(pred, [question] * len(ok))
-        probs = pred.model(image=images, question=ids, padding_mask=pad).float().sigmoid()
+        batch = {"image": images, "language_tokens": ids, "padding_mask": pad}
+        probs = pred.downstream._logits(pred.model, batch).float().sigmoid()
         top = probs.topk(min(topk, probs.shape[1]), dim=1)
         for p, vals, idx in zip(ok, top.values, top.indices):
             pairs = [[pred.labels[i], round(v, 4)] for v, i in zip(vals.tolist(), idx.tolist())]
@@ -106,8 +107,12 @@ class VQAv2(DownstreamTask):
     def label_names(self, train_set: Dataset) -> list[str]:
         return [train_set.label2answer[i] for i in range(len(train_set.label2answer))]
 
+    def _logits(self, model: nn.Module, batch: dict[str, Any]) -> Tensor:
+        """Answer logits (B, C) of a batch's images and questions."""
+        return model(image=batch["image"], question=batch["language_tokens"], padding_mask=batch["padding_mask"])
+
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, dict[str, float]]:
-        logits = model(image=batch["image"], question=batch["language_tokens"], padding_mask=batch["padding_mask"])
+        logits = self._logits(model, batch)
         return losses.vqa_loss(logits, batch["labels"]), {"score": metrics.vqa_score(logits.detach(), batch["labels"]) / 100}
 
     @torch.no_grad()
@@ -115,8 +120,7 @@ class VQAv2(DownstreamTask):
         settings = settings or EvalSettings()
 
         def outputs(model: nn.Module, batch: dict[str, Any]) -> dict[str, Tensor]:
-            logits = model(image=batch["image"], question=batch["language_tokens"], padding_mask=batch["padding_mask"])
-            return {"logits": logits.float(), **{k: batch[k] for k in ("labels", "qid") if k in batch}}
+            return {"logits": self._logits(model, batch).float(), **{k: batch[k] for k in ("labels", "qid") if k in batch}}
 
         out = self.gather_outputs(model, dataset, settings, outputs)
         logits_t = out["logits"]
