@@ -1,5 +1,8 @@
 import json
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +50,56 @@ def one_thread():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class TrainWorker:
+    """tests/train_worker.py (a tiny masked-data-modeling run of the one training loop, its settings as one JSON
+    argument) run as a subprocess (``run``, optionally under torchrun) or in this process (``run_in_process``)."""
+
+    script = Path(__file__).parent / "train_worker.py"
+    repo = Path(__file__).resolve().parents[1]
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """This process's environment without a launcher's rank variables, one thread, the repository importable."""
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(self.repo), **extra)
+        return env
+
+    def run(self, args: dict, nproc: int = 1, exit_at: int | None = None) -> subprocess.CompletedProcess:
+        """The worker in a child process (``nproc`` > 1: that many gloo ranks); ``exit_at``: the run exits at that step."""
+        if nproc == 1:
+            cmd = [sys.executable, str(self.script), json.dumps(args)]
+        else:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                   f"--master_port={port}", str(self.script), json.dumps(args)]
+        env = self.env(**({"MULTIWAY_EXIT_AT_STEP": str(exit_at)} if exit_at else {}))
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    def run_in_process(self, args: dict) -> list[dict[str, float]]:
+        """The worker's ``main`` in this process; the rows of its metrics.csv."""
+        from multiway.train import read_metrics
+
+        sys.path.insert(0, str(self.script.parent))
+        import train_worker
+
+        old = sys.argv
+        sys.argv = [self.script.name, json.dumps(args)]
+        try:
+            train_worker.main()
+        finally:
+            sys.argv = old
+        return read_metrics(args["out_dir"])
+
+    @staticmethod
+    def losses(rows: list[dict[str, float]]) -> list[tuple[int, float]]:
+        """(step, loss) of the metrics rows that log a training loss."""
+        return [(int(r["step"]), r["loss"]) for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="session")
+def worker() -> TrainWorker:
+    """The training worker of the loop and fault tests (see :class:`TrainWorker`)."""
+    return TrainWorker()

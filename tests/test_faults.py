@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,51 +34,29 @@ from multiway.train import (  # noqa: E402
     train,
 )
 
-WORKER = str(Path(__file__).parent / "train_worker.py")
-REPO = Path(__file__).resolve().parents[1]
 ARGS = {"max_steps": 8, "save_every": 2, "keep_last": 4, "batch_size": 4}
-
-
-def run_worker(args: dict) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, WORKER, json.dumps(args)], env=env, capture_output=True, text=True, timeout=300)
-
-
-def run_in_process(args: dict) -> list[dict[str, float]]:
-    old = sys.argv
-    sys.argv = ["train_worker.py", json.dumps(args)]
-    try:
-        train_worker.main()
-    finally:
-        sys.argv = old
-    return read_metrics(args["out_dir"])
-
-
-def losses(rows: list[dict[str, float]]) -> list[tuple[int, float]]:
-    return [(int(r["step"]), r["loss"]) for r in rows if "loss" in r]
 
 
 def step_names(out: Path) -> list[str]:
     return [p.name for p in checkpoint_dirs(out)]
 
 
-def test_sigkill_while_writing_a_checkpoint_resumes_exactly(tmp_path):
-    base = run_worker({**ARGS, "save_every": 3, "out_dir": str(tmp_path / "base")})
+def test_sigkill_while_writing_a_checkpoint_resumes_exactly(worker, tmp_path):
+    base = worker.run({**ARGS, "save_every": 3, "out_dir": str(tmp_path / "base")})
     assert base.returncode == 0, base.stderr
     out = tmp_path / "cut"
     args = {**ARGS, "save_every": 3, "out_dir": str(out)}
-    killed = run_worker({**args, "kill_in_save_at": 6})
+    killed = worker.run({**args, "kill_in_save_at": 6})
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert step_names(out) == ["step_00000003"]  # the half-written step 6 does not look complete
     partial = out / "checkpoints" / ".tmp_step_00000006"
     assert partial.is_dir() and not (partial / "manifest.json").exists()
-    resumed = run_worker(args)
+    resumed = worker.run(args)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stdout + resumed.stderr and "step_00000003" in resumed.stdout + resumed.stderr
     assert ".tmp_step_00000006" in resumed.stderr  # the leftover is named and removed
     assert not partial.exists()
-    assert losses(read_metrics(out)) == losses(read_metrics(tmp_path / "base"))  # exactly, digit for digit
+    assert worker.losses(read_metrics(out)) == worker.losses(read_metrics(tmp_path / "base"))  # exactly, digit for digit
 
 
 def _truncate(path: Path) -> None:
@@ -94,20 +71,20 @@ def _flip_byte(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_byte], ids=["truncated", "flipped_byte"])
-def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, damage, caplog):
+def test_corrupt_newest_checkpoint_falls_back_to_previous(worker, tmp_path, damage, caplog):
     out = tmp_path / "run"
     args = {**ARGS, "out_dir": str(out)}
-    first = losses(run_in_process(args))
+    first = worker.losses(worker.run_in_process(args))
     assert step_names(out)[-2:] == ["step_00000006", "step_00000008"]
     damage(out / "checkpoints" / "step_00000008" / "state.pt")
     with caplog.at_level(logging.WARNING, logger="multiway"):
-        again = losses(run_in_process(args))
+        again = worker.losses(worker.run_in_process(args))
     warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "step_00000008" in warning and "falling back" in warning
     assert again == first  # resumed at step 6 and repeated steps 7-8 exactly
 
 
-def test_full_disk_during_save_leaves_previous_intact(tmp_path, monkeypatch):
+def test_full_disk_during_save_leaves_previous_intact(worker, tmp_path, monkeypatch):
     out = tmp_path / "run"
     real_save = torch.save
 
@@ -120,13 +97,13 @@ def test_full_disk_during_save_leaves_previous_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", save_on_full_disk)
     with pytest.raises(CheckpointSaveError, match=r"step 4 .*No space left on device.*disk is full.*step_00000002 is intact"):
-        run_in_process({**ARGS, "out_dir": str(out)})
+        worker.run_in_process({**ARGS, "out_dir": str(out)})
     monkeypatch.setattr(torch, "save", real_save)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]  # no half-written folder
     previous = out / "checkpoints" / "step_00000002"
     assert (previous / "manifest.json").is_file()
-    resumed = run_in_process({**ARGS, "out_dir": str(out)})  # the previous checkpoint still loads
-    assert [s for s, _ in losses(resumed)] == list(range(1, 9))
+    resumed = worker.run_in_process({**ARGS, "out_dir": str(out)})  # the previous checkpoint still loads
+    assert [s for s, _ in worker.losses(resumed)] == list(range(1, 9))
 
 
 class FailingItems(train_worker.SyntheticMDM):
@@ -161,7 +138,7 @@ def alarm():
 
 
 @pytest.mark.parametrize(("how", "workers"), [("raise", 0), ("raise", 1), ("exit", 1), ("stall", 1)])
-def test_dataloader_failure_names_the_sample(tmp_path, how, workers, alarm):
+def test_dataloader_failure_names_the_sample(worker, tmp_path, how, workers, alarm):
     probe = MapDatasetTask(train_worker.SyntheticMDM(), train_worker.collate, 4, mdm_loss)
     bad, _ = probe.epoch_batches(0, 0, 1, seed=0)[2][1]  # (index, seed) of a sample of the third batch: two steps train first
     task = MapDatasetTask(FailingItems(bad, how), train_worker.collate, 4, mdm_loss, num_workers=workers,
@@ -176,11 +153,11 @@ def test_dataloader_failure_names_the_sample(tmp_path, how, workers, alarm):
     assert time.monotonic() - start < 60
 
 
-def test_nan_batch_is_skipped_and_counted(tmp_path):
+def test_nan_batch_is_skipped_and_counted(worker, tmp_path):
     probe = MapDatasetTask(train_worker.SyntheticMDM(), train_worker.collate, 4, mdm_loss)
     poisoned, _ = probe.epoch_batches(0, 0, 1, seed=0)[2][0]  # the first sample of step 3's batch
     out = tmp_path / "run"
-    rows = run_in_process({**ARGS, "out_dir": str(out), "log_every": 1, "nan_at": [poisoned]})
+    rows = worker.run_in_process({**ARGS, "out_dir": str(out), "log_every": 1, "nan_at": [poisoned]})
     by_step = {int(r["step"]): r for r in rows if "bad_steps" in r}
     assert sorted(by_step) == list(range(1, 9))  # every step is logged, the skipped one too
     assert [by_step[s]["bad_steps"] for s in (2, 3, 4, 8)] == [0, 1, 1, 1]
@@ -190,11 +167,11 @@ def test_nan_batch_is_skipped_and_counted(tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_manifest_lists_every_file_with_its_hash(tmp_path):
+def test_manifest_lists_every_file_with_its_hash(worker, tmp_path):
     from multiway.train.checkpointing import verify_checkpoint
 
     out = tmp_path / "run"
-    run_in_process({**ARGS, "max_steps": 2, "out_dir": str(out)})
+    worker.run_in_process({**ARGS, "max_steps": 2, "out_dir": str(out)})
     folder = checkpoint_dirs(out)[-1]
     manifest = json.loads((folder / "manifest.json").read_text())["files"]
     assert {"state.pt", "rng_rank0.pt", "model.safetensors"} <= set(manifest)
@@ -212,17 +189,17 @@ class _RunsCode:
         return (os.getcwd, ())
 
 
-def test_checkpoint_file_that_would_run_code_is_refused(tmp_path, caplog):
+def test_checkpoint_file_that_would_run_code_is_refused(worker, tmp_path, caplog):
     out = tmp_path / "run"
     args = {**ARGS, "out_dir": str(out)}
-    first = losses(run_in_process(args))
+    first = worker.losses(worker.run_in_process(args))
     newest = out / "checkpoints" / "step_00000008"
     state = torch.load(newest / "state.pt", weights_only=False)
     state["meta"]["payload"] = _RunsCode()
     torch.save(state, newest / "state.pt")
     (newest / "manifest.json").unlink()  # as if written by hand: nothing to verify against
     with caplog.at_level(logging.WARNING, logger="multiway"):
-        again = losses(run_in_process(args))
+        again = worker.losses(worker.run_in_process(args))
     warning = "\n".join(r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING)
     assert "step_00000008" in warning and "Weights only load failed" in warning
     assert again == first  # resumed from step 6 instead

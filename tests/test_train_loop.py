@@ -3,10 +3,6 @@ checkpoint rotation and the official-layout export. All on the tiny preset, a fe
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,48 +15,9 @@ from multiway.train import MapDatasetTask, NonFiniteLossError, TrainConfig, chec
 sys.path.insert(0, str(Path(__file__).parent))
 import train_worker  # noqa: E402
 
-WORKER = str(Path(__file__).parent / "train_worker.py")
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), **extra)
-    return env
-
-
-def run_worker(args: dict, nproc: int = 1, exit_at: int | None = None) -> subprocess.CompletedProcess:
-    if nproc == 1:
-        cmd = [sys.executable, WORKER, json.dumps(args)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-               f"--master_port={_free_port()}", WORKER, json.dumps(args)]
-    env = _env(**({"MULTIWAY_EXIT_AT_STEP": str(exit_at)} if exit_at else {}))
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-
-
-def run_in_process(args: dict) -> list[dict[str, float]]:
-    old = sys.argv
-    sys.argv = ["train_worker.py", json.dumps(args)]
-    try:
-        train_worker.main()
-    finally:
-        sys.argv = old
-    return read_metrics(args["out_dir"])
-
-
-def losses(rows: list[dict[str, float]]) -> list[tuple[int, float]]:
-    return [(int(r["step"]), r["loss"]) for r in rows if "loss" in r]
-
 
 def assert_same_losses(a, b, atol=1e-5):
-    la, lb = losses(a), losses(b)
+    la, lb = ([(int(r["step"]), r["loss"]) for r in rows if "loss" in r] for rows in (a, b))
     assert [s for s, _ in la] == [s for s, _ in lb], (la, lb)
     for (s, x), (_, y) in zip(la, lb):
         assert abs(x - y) <= atol * max(1.0, abs(x)), f"step {s}: {x} vs {y}"
@@ -70,37 +27,37 @@ COMMON = {"max_steps": 6, "save_every": 2, "accum_steps": 2, "grad_clip": 1.0}
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> list[dict[str, float]]:
+def baseline(worker, tmp_path_factory) -> list[dict[str, float]]:
     """1 process, batch 8, uninterrupted."""
     out = tmp_path_factory.mktemp("base")
-    return run_in_process({**COMMON, "out_dir": str(out), "batch_size": 8})
+    return worker.run_in_process({**COMMON, "out_dir": str(out), "batch_size": 8})
 
 
-def test_two_ranks_ddp_match_one_rank_double_batch(baseline, tmp_path):
-    proc = run_worker({**COMMON, "out_dir": str(tmp_path), "batch_size": 4}, nproc=2)
+def test_two_ranks_ddp_match_one_rank_double_batch(worker, baseline, tmp_path):
+    proc = worker.run({**COMMON, "out_dir": str(tmp_path), "batch_size": 4}, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_losses(baseline, read_metrics(tmp_path))
 
 
-def test_contrastive_loss_over_two_ranks_matches_one_rank_double_batch(tmp_path):
+def test_contrastive_loss_over_two_ranks_matches_one_rank_double_batch(worker, tmp_path):
     """Negatives gathered from both ranks (all_gather with gradients) + DDP averaging = the one-rank batch."""
     args = {**COMMON, "max_steps": 4, "itc": True}
-    one = run_in_process({**args, "out_dir": str(tmp_path / "one"), "batch_size": 8})
-    proc = run_worker({**args, "out_dir": str(tmp_path / "two"), "batch_size": 4}, nproc=2)
+    one = worker.run_in_process({**args, "out_dir": str(tmp_path / "one"), "batch_size": 8})
+    proc = worker.run({**args, "out_dir": str(tmp_path / "two"), "batch_size": 4}, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_losses(one, read_metrics(tmp_path / "two"))
-    mdm_only = run_in_process({**args, "itc": False, "out_dir": str(tmp_path / "mdm"), "batch_size": 8})
-    assert losses(mdm_only)[0][1] < losses(one)[0][1] - 1.0  # the contrastive term is in the loss (~2 x log 8)
+    mdm_only = worker.run_in_process({**args, "itc": False, "out_dir": str(tmp_path / "mdm"), "batch_size": 8})
+    assert worker.losses(mdm_only)[0][1] < worker.losses(one)[0][1] - 1.0  # the contrastive term is in the loss (~2 x log 8)
 
 
-def test_fsdp_two_ranks_killed_and_resumed_matches(baseline, tmp_path):
+def test_fsdp_two_ranks_killed_and_resumed_matches(worker, baseline, tmp_path):
     """FSDP2 over 2 gloo ranks, both processes killed (os._exit, no cleanup) after step 5 (last checkpoint at 4,
     sharded with torch.distributed.checkpoint), then a new torchrun resumes: the loss sequence equals
     1 rank x double batch, uninterrupted."""
     args = {**COMMON, "out_dir": str(tmp_path), "batch_size": 4, "strategy": "fsdp"}
-    killed = run_worker(args, nproc=2, exit_at=5)
+    killed = worker.run(args, nproc=2, exit_at=5)
     assert killed.returncode != 0, "the run was not killed"
-    resumed = run_worker(args, nproc=2)
+    resumed = worker.run(args, nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr  # the multiway logger writes to stderr
     assert "resumed from" in log and "step_00000004" in log
@@ -108,22 +65,22 @@ def test_fsdp_two_ranks_killed_and_resumed_matches(baseline, tmp_path):
     assert_same_losses(baseline, read_metrics(tmp_path))
 
 
-def test_kill_and_resume_is_exact_with_drop_path(tmp_path):
+def test_kill_and_resume_is_exact_with_drop_path(worker, tmp_path):
     """A process killed mid-run (os._exit after step 5, like SIGKILL) and resumed gives the same losses,
     bit for bit, as an uninterrupted run — drop path on, so the restored RNG state matters."""
     args = {**COMMON, "batch_size": 4, "drop_path": 0.5}
-    full = run_in_process({**args, "out_dir": str(tmp_path / "full")})
-    killed = run_worker({**args, "out_dir": str(tmp_path / "cut")}, exit_at=5)
+    full = worker.run_in_process({**args, "out_dir": str(tmp_path / "full")})
+    killed = worker.run({**args, "out_dir": str(tmp_path / "cut")}, exit_at=5)
     assert killed.returncode == 17, killed.stderr[-3000:]
-    assert len(losses(read_metrics(tmp_path / "cut"))) == 5
-    resumed = run_worker({**args, "out_dir": str(tmp_path / "cut")})
+    assert len(worker.losses(read_metrics(tmp_path / "cut"))) == 5
+    resumed = worker.run({**args, "out_dir": str(tmp_path / "cut")})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = read_metrics(tmp_path / "cut")
-    assert losses(rows) == losses(full)  # exact, and step 5 (logged before the kill) is not duplicated
+    assert worker.losses(rows) == worker.losses(full)  # exact, and step 5 (logged before the kill) is not duplicated
 
 
-def test_checkpoints_keep_last_and_export_loads_into_vqa(tmp_path):
-    run_in_process({"out_dir": str(tmp_path), "max_steps": 4, "save_every": 1, "keep_last": 2, "batch_size": 4})
+def test_checkpoints_keep_last_and_export_loads_into_vqa(worker, tmp_path):
+    worker.run_in_process({"out_dir": str(tmp_path), "max_steps": 4, "save_every": 1, "keep_last": 2, "batch_size": 4})
     dirs = checkpoint_dirs(tmp_path)
     assert [p.name for p in dirs] == ["step_00000003", "step_00000004"]
     assert not list((tmp_path / "checkpoints").glob(".tmp*"))
@@ -139,7 +96,7 @@ def test_checkpoints_keep_last_and_export_loads_into_vqa(tmp_path):
     assert (tmp_path / "tb").is_dir() and (tmp_path / "train_config.yaml").is_file()
 
 
-def test_nan_loss_skips_update_then_stops(tmp_path):
+def test_nan_loss_skips_update_then_stops(worker, tmp_path):
     torch.manual_seed(0)
     model = multiway.create_model("beit3_tiny_patch8_32_pretraining", codebook_size=train_worker.CODEBOOK)
     calls = {"n": 0}
