@@ -24,7 +24,7 @@ from multiway.downstream.tasks import get_task
 from multiway.tokenizers.text import train_text_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-PAGES = ["python_api.md", "guide_photos.md", "guide_finetune.md", "guide_pretrain.md"]
+PAGES = ["python_api.md", "guide_photos.md", "guide_finetune.md", "guide_pretrain.md", "meter.md"]
 BLOCK = re.compile(r"^```(python|bash) test\n(.*?)^```", re.S | re.M)
 TINY = (re.compile(r"beit3_base_patch16_(224|384|480)"), "beit3_tiny_patch8_32")
 COLORS = ["red", "green", "blue", "yellow"]
