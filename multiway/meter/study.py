@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 
 from ..config import check_literals
+from ..downstream.evaluation import OtherImages
 from ..downstream.tasks import EvalSettings, get_task
 from ..downstream.tasks.base import task_options_fields
 from ..log import get_logger
@@ -54,6 +55,7 @@ ENCODERS: dict[str, tuple[str, str, bool]] = {
 # objective sets: name -> ObjectiveConfig fields
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "mlm+itm": dict(mlm=True, itm=True, mim=False),
+    "mlm+itm_hard": dict(mlm=True, itm=True, mim=False, itm_hard_negatives=True),  # ITM negatives by ITC similarity (+ ITC)
     "mlm+itm+mim": dict(mlm=True, itm=True, mim=True),
     "mlm": dict(mlm=True, itm=False, mim=False),
     "itm": dict(mlm=False, itm=True, mim=False),
@@ -70,7 +72,8 @@ CLAIM_METRICS = (("vqa_score", "VQA"), ("nlvr2_acc", "NLVR2"), ("ret_avg", "retr
 # The CI smoke: two seeds, two cells and the lr control, a handful of steps.
 FAST: dict[str, Any] = dict(
     fusions=["co_attention", "merged_attention"], architectures=["encoder_only"], objectives=["mlm+itm"], encoders=["vit+embedding"],
-    tasks=["vqa", "nlvr2"], seeds=[0, 1], pretrain_steps=2, finetune_steps=2, text_pretrain_steps=2, max_eval_items=16, batch_size=8,
+    tasks=["vqa", "nlvr2"], seeds=[0, 1], pretrain_steps=2, finetune_steps=2, task_steps={}, text_pretrain_steps=2, max_eval_items=16,
+    batch_size=8, num_images=80, num_pairs=60,
 )
 
 logger = get_logger(__name__)
@@ -78,17 +81,20 @@ logger = get_logger(__name__)
 
 @dataclass
 class StudyConfig:
-    """The grid and the budget of each cell (defaults: tiny, CPU, a few minutes in all)."""
+    """The grid and the budget of each cell. Defaults: the sized grid of ``configs/meter_study_tiny.yaml`` (one
+    pair of cells per claim of the paper, 3 seeds, tiny models, about half an hour on 2 CPU cores)."""
 
-    data_dir: str = "data/builtin"
+    data_dir: str = "data/meter_builtin"
     out_dir: str = "runs/meter_study"
     fusions: list[str] = field(default_factory=lambda: ["co_attention", "merged_attention"])
     architectures: list[str] = field(default_factory=lambda: ["encoder_only", "encoder_decoder"])
-    objectives: list[str] = field(default_factory=lambda: ["mlm+itm", "mlm+itm+mim"])
-    encoders: list[str] = field(default_factory=lambda: ["vit+bert_pretrained", "vit+bert", "vit+embedding"])
-    tasks: list[str] = field(default_factory=lambda: list(TASKS))
-    pretrain_steps: int = 60
-    finetune_steps: int = 40
+    objectives: list[str] = field(default_factory=lambda: ["mlm+itm_hard"])
+    encoders: list[str] = field(default_factory=lambda: ["vit+bert_pretrained", "vit+bert"])
+    tasks: list[str] = field(default_factory=lambda: ["vqa", "nlvr2", "retrieval"])
+    grid: Literal["product", "one_axis"] = "one_axis"  # one_axis: the first cell, then each other value of one axis at a time
+    pretrain_steps: int = 300
+    finetune_steps: int = 300
+    task_steps: dict[str, int] = field(default_factory=lambda: {"nlvr2": 150, "retrieval": 150})  # per task, over finetune_steps
     text_pretrain_steps: int = 150
     batch_size: int = 16
     max_len: int = 24
@@ -100,8 +106,9 @@ class StudyConfig:
     seed: int = 0  # the data set and the locally pre-trained text encoder
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # every cell runs once per seed
     lr_control: bool = True  # also run the first cell with lr_mult_top = lr_mult_head = 1 (the lr claim)
-    max_eval_items: int = 128
+    max_eval_items: int = 256
     num_images: int = 400  # scenes of the built-in data when it is generated
+    num_pairs: int = 6000  # NLVR2 statements of the built-in data (80% train): the two-image task needs thousands
     num_threads: int = 1  # tiny models on a shared CPU: one thread is many times faster than contended ones
     java_caption_metrics: bool = False  # True: the full COCO caption metrics (PTB tokenizer, METEOR; slow)
 
@@ -116,6 +123,7 @@ class StudyConfig:
             ("objectives", self.objectives, tuple(OBJECTIVES)),
             ("encoders", self.encoders, tuple(ENCODERS)),
             ("tasks", self.tasks, TASKS),
+            ("task_steps", list(self.task_steps), TASKS),
         ):
             bad = [v for v in values if v not in accepted]
             if bad:
@@ -127,20 +135,30 @@ class StudyConfig:
 # --- data -------------------------------------------------------------------------------------------------
 
 
-def ensure_data(data_dir: str | Path, img_size: int = 32, seed: int = 0, num_images: int = 400) -> Path:
+def ensure_data(data_dir: str | Path, img_size: int = 32, seed: int = 0, num_images: int = 400, num_pairs: int = 600) -> Path:
     """Use ``data_dir`` if it holds the study's index files; otherwise generate the built-in data there
-    (:func:`multiway.data.shapes.generate_synthetic_dataset`, at ``img_size`` px)."""
+    (:func:`multiway.data.shapes.generate_synthetic_dataset`, at ``img_size`` px). Existing built-in data made
+    with other parameters is used as it is, with a warning that names them (the study never overwrites data)."""
+    from ..data.shapes import generate_synthetic_dataset
+
     root = Path(data_dir)
     if (root / "coco_retrieval.train.jsonl").is_file():
+        manifest = root / "manifest.json"
+        if manifest.is_file():
+            made = json.loads(manifest.read_text()).get("params", {})
+            wanted = dict(num_images=num_images, num_pairs=num_pairs, img_size=img_size, seed=seed)
+            differ = {k: (made.get(k), v) for k, v in wanted.items() if made.get(k) != v}
+            if differ:
+                made_with, study_wants = ({k: pair[i] for k, pair in differ.items()} for i in (0, 1))
+                logger.warning("--data %s: built-in data made with %s, not the study's %s; using it as it is (a new folder "
+                               "generates the study's)", root, made_with, study_wants)
         return root
     if root.exists() and any(root.iterdir()):
         raise FileNotFoundError(
             f"--data {root}: exists but has no coco_retrieval.train.jsonl; point --data at a data set in the "
             "official index format (coco_retrieval, vqa, nlvr2 files) or at a new folder to generate the built-in one"
         )
-    from ..data.shapes import generate_synthetic_dataset
-
-    return generate_synthetic_dataset(root, num_images=num_images, img_size=img_size, seed=seed, progress=False)
+    return generate_synthetic_dataset(root, num_images=num_images, img_size=img_size, seed=seed, num_pairs=num_pairs, progress=False)
 
 
 def find_spm(root: Path) -> Path:
@@ -163,7 +181,7 @@ def load_study_data(cfg: StudyConfig) -> StudyData:
     from ..downstream.tasks import DataSettings
     from ..tokenizers.text import TextTokenizer
 
-    root = ensure_data(cfg.data_dir, cfg.img_size, cfg.seed, cfg.num_images)
+    root = ensure_data(cfg.data_dir, cfg.img_size, cfg.seed, cfg.num_images, cfg.num_pairs)
     tok = TextTokenizer(find_spm(root))
     settings = DataSettings(str(root), tokenizer=tok, max_text_len=cfg.max_len, img_size=cfg.img_size)
     splits = {}
@@ -263,8 +281,14 @@ def run_cell(cfg: StudyConfig, mc: MeterConfig, data: StudyData) -> dict[str, An
         train_set, eval_set = data.splits[f"{name}/train"], data.splits[f"{name}/val"]
         tm = task.build_model(copy.deepcopy(model), task.num_classes(train_set))  # a copy: the next task starts afresh
         t = task.train_task(train_set, cfg.batch_size, eval_set=eval_set, eval_settings=EvalSettings(batch_size=cfg.batch_size))
-        r = train(tm, t, train_config(mc.optim, cfg.finetune_steps, f"{runs.name}/{name}", cfg.precision, cfg.seed))
+        steps = cfg.task_steps.get(name, cfg.finetune_steps)
+        t0 = time.perf_counter()
+        r = train(tm, t, train_config(mc.optim, steps, f"{runs.name}/{name}", cfg.precision, cfg.seed))
         row.update({column: r[f"eval/{key}"] for key, column in task.study_columns.items()})
+        if task.image_blind_check:  # the same examples, each beside another example's image(s): what the text alone gives
+            blind = task.evaluate(tm, OtherImages(eval_set), EvalSettings(batch_size=cfg.batch_size))
+            row.update({f"{column}_blind": blind[key] for key, column in task.study_columns.items()})
+        row[f"{name}_s"] = time.perf_counter() - t0
         row["bad_steps"] += r["bad_steps"]
     runs.cleanup()
     return row
@@ -292,10 +316,7 @@ def _run_study(cfg: StudyConfig, progress: bool) -> list[dict[str, Any]]:
                 out / f"text_{text}_pretrained", data, text, cfg.text_pretrain_steps, cfg.batch_size, cfg.seed
             )
     runs: list[dict[str, Any]] = []
-    grid = [(e, o, a, f) for e in cfg.encoders for o in cfg.objectives for a in cfg.architectures for f in cfg.fusions]
-    cells = [(f, a, o, e, cfg.lr_mult_top) for e, o, a, f in grid]
-    if cfg.lr_control and cfg.lr_mult_top != 1.0:
-        cells.append((*cells[0][:4], 1.0))
+    cells = grid_cells(cfg)
     priors = task_priors(data)
     total = len(cells) * len(cfg.seeds)
     for i, ((f, a, o, e, top), seed) in enumerate((c, s) for c in cells for s in cfg.seeds):
@@ -311,6 +332,26 @@ def _run_study(cfg: StudyConfig, progress: bool) -> list[dict[str, Any]]:
             logger.info("meter study %d/%d %s %s %s %s lr x%g seed %d: %s", i + 1, total, f, a, o, e, top, seed, scores)
         write_results(aggregate(runs), cfg, out, runs, priors)
     return aggregate(runs)
+
+
+def grid_cells(cfg: StudyConfig) -> list[tuple[str, str, str, str, float]]:
+    """The cells to run, as (fusion, architecture, objectives, encoders, lr_mult_top).
+
+    ``grid="product"``: every combination of the four axes. ``grid="one_axis"``: the first value of every axis
+    (the base cell), then each other value of one axis at a time with the rest at the base, which is every pair
+    the findings compare at a fraction of the product's cost. Either way ``lr_control`` adds the first cell with
+    the new layers at the encoders' lr.
+    """
+    if cfg.grid == "product":
+        grid = [(f, a, o, e) for e in cfg.encoders for o in cfg.objectives for a in cfg.architectures for f in cfg.fusions]
+    else:
+        axes = (cfg.fusions, cfg.architectures, cfg.objectives, cfg.encoders)
+        base = tuple(values[0] for values in axes)
+        grid = [base] + [(*base[:i], v, *base[i + 1 :]) for i, values in enumerate(axes) for v in values[1:]]
+    cells = [(*cell, cfg.lr_mult_top) for cell in grid]
+    if cfg.lr_control and cfg.lr_mult_top != 1.0:
+        cells.append((*cells[0][:4], 1.0))
+    return cells
 
 
 def task_priors(data: StudyData) -> dict[str, float]:
@@ -413,7 +454,8 @@ def _pm(row: dict[str, Any], metric: str) -> str:
 # --- outputs ----------------------------------------------------------------------------------------------
 
 COLUMNS = [
-    ("vqa_score", "VQA score"), ("nlvr2_acc", "NLVR2 acc"), ("ir_r@1", "IR R@1"), ("tr_r@1", "TR R@1"),
+    ("vqa_score", "VQA score"), ("vqa_score_blind", "VQA, other images"), ("nlvr2_acc", "NLVR2 acc"),
+    ("nlvr2_acc_blind", "NLVR2, other images"), ("ir_r@1", "IR R@1"), ("tr_r@1", "TR R@1"),
     ("ret_avg", "Ret. avg (re-ranked)"), ("ret_dual_avg", "Ret. avg (dual only)"), ("cider", "CIDEr"), ("bleu4", "BLEU-4"),
     ("params_M", "Params (M)"), ("samples_per_s", "Pretrain samples/s"), ("pretrain_loss", "Pretrain loss"),
 ]
@@ -426,7 +468,9 @@ def _fmt(v: Any) -> str:
 
 
 # task metrics shown as mean ± std; the rest as the mean
-SPREAD_COLUMNS = ("vqa_score", "nlvr2_acc", "ir_r@1", "tr_r@1", "ret_avg", "ret_dual_avg", "cider", "bleu4")
+SPREAD_COLUMNS = (
+    "vqa_score", "vqa_score_blind", "nlvr2_acc", "nlvr2_acc_blind", "ir_r@1", "tr_r@1", "ret_avg", "ret_dual_avg", "cider", "bleu4",
+)
 
 
 def to_markdown(rows: list[dict[str, Any]], priors: dict[str, float] | None = None) -> str:
@@ -445,6 +489,9 @@ def to_markdown(rows: list[dict[str, Any]], priors: dict[str, float] | None = No
         lines.append("| " + " | ".join(cells) + " |")
     if priors:
         lines += ["", "Priors (no input read): " + ", ".join(f"{k} {v:.1f}" for k, v in priors.items())]
+    if any(k.endswith("_blind") for r in rows for k in r):
+        lines += ["", "\"Other images\": the same validation examples, each beside another example's image(s); a score that "
+                  "does not drop there is read from the text alone."]
     lines += ["", "| Paper's claim | Finding | Evidence (paper's side vs the other, mean ± std over seeds) |", "|---|---|---|"]
     for f in findings(rows):
         lines.append(f"| {f['claim']} | {f['finding']} | {'; '.join(f['evidence']) or '—'} |")
@@ -458,23 +505,34 @@ def write_results(
     payload = {"config": dataclasses.asdict(cfg), "rows": rows, "runs": runs or [], "priors": priors or {}, "findings": findings(rows)}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
     (out / "results.md").write_text(to_markdown(rows, priors))
-    plot(rows, out / "results.png")
+    plot(rows, out / "results.png", priors)
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """One panel per task metric, one bar per configuration."""
+PLOT_METRICS = (("vqa_score", "VQA score"), ("nlvr2_acc", "NLVR2 acc"), ("ret_avg", "Ret. avg (re-ranked)"), ("cider", "CIDEr"))
+
+
+def plot(rows: list[dict[str, Any]], path: Path, priors: dict[str, float] | None = None) -> None:
+    """One panel per task metric, one bar per configuration (mean ± std); black ticks: the image-blind score
+    (other images), dashed line: the input-blind prior."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [(k, name) for k, name in COLUMNS[:8] if any(k in r for r in rows) and k not in ("ir_r@1", "tr_r@1", "bleu4")]
+    metrics = [(k, name) for k, name in PLOT_METRICS if any(k in r for r in rows)]
     labels = [f"{r['fusion'][:5]}/{r['architecture'][:7]}/{r['objectives']}/{r['encoders']}/lr x{r['lr_mult_top']:g}" for r in rows]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 1.2 + 0.28 * len(rows)), squeeze=False)
     colors = ["tab:blue" if r["fusion"] == "co_attention" else "tab:orange" for r in rows]
     for ax, (k, name) in zip(axes[0], metrics):
         vals = [r.get(k, 0.0) for r in rows]
         ax.barh(range(len(rows)), vals, xerr=[r.get(f"{k}_std", 0.0) for r in rows], color=colors)
+        blind = [(i, r[f"{k}_blind"]) for i, r in enumerate(rows) if f"{k}_blind" in r]
+        if blind:
+            ax.scatter([b for _, b in blind], [i for i, _ in blind], marker="|", s=200, color="black", zorder=3, label="other images")
+        if priors and k in priors:
+            ax.axvline(priors[k], color="gray", linestyle="--", label="prior")
+        if blind or (priors and k in priors):
+            ax.legend(fontsize=7, loc="lower right")
         ax.set_title(name)
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(labels if ax is axes[0][0] else [], fontsize=7)
