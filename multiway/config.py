@@ -14,6 +14,11 @@ the same way for every config:
 * :func:`add_config_arguments` and :func:`config_from_args` give every command the same CLI:
   ``--config FILE``, ``key=value`` overrides anywhere on the line, and ``--print-config``.
 
+Paths: every path a config or a command line names (``data_dir``, ``tokenizer``, ``model.init``, ``data.text``,
+``text_tokenizer``, ``--model``, ...) is read from the working directory when it is relative, by every command;
+:func:`resolve_path` is that rule. Paths inside data files (``image_path`` in a jsonl index) are relative to
+their data folder instead (docs/data.md, "Paths").
+
 A nested section given only in part keeps its default's other values: with a field
 ``train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/x", max_steps=300))``,
 ``train.lr=1e-4`` changes the learning rate and keeps ``out_dir`` and ``max_steps``.
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import sys
 import types
@@ -53,6 +59,20 @@ _YAMLLoader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"),
     list("-+0123456789."),
 )
+
+
+def resolve_path(value: str | os.PathLike, key: str, must_exist: bool = False) -> Path:
+    """The one rule for a path given in a config or on the command line: ``~`` expanded, absolute as given,
+    relative read from the working directory (never from a data folder).
+
+    key: the config key or flag the path came from, named in the error. must_exist: a missing file or folder
+    raises FileNotFoundError naming ``key``, the path and the working directory it was read from.
+    """
+    path = Path(value).expanduser()
+    if must_exist and not path.exists():
+        where = "" if path.is_absolute() else f" (relative paths are read from the working directory, {Path.cwd()})"
+        raise FileNotFoundError(f"{key}: {value} not found{where}")
+    return path
 
 
 def load_yaml(text: str) -> Any:

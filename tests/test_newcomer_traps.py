@@ -43,23 +43,19 @@ def test_builtin_data_is_never_written_into_a_folder_with_data_and_no_manifest(t
     folder = tmp_path / "my_photos"
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"mine")
-    cfg = P.load_pretrain_config("configs/pretrain_tiny.yaml", [f"data.dir={folder}", f"train.out_dir={tmp_path / 'run'}"])
-    with pytest.raises(ValueError, match="data.builtin=false"):
+    inside = [f"text_tokenizer={folder / 'shapes.spm'}", *(f"data.{k}={folder / k}" for k in ("text", "image", "pair", "eval_pairs"))]
+    cfg = P.load_pretrain_config("configs/pretrain_tiny.yaml", [f"data.dir={folder}", f"train.out_dir={tmp_path / 'run'}", *inside])
+    with pytest.raises(ValueError, match="holds files but no manifest.json.*data.builtin=false"):
         P.pretrain(cfg)
     assert sorted(p.name for p in folder.iterdir()) == ["holiday.jpg"]
 
 
-def test_visual_tokenizer_is_relative_to_data_dir_like_the_text_tokenizer(tmp_path, monkeypatch):
-    root, elsewhere = tmp_path / "data", tmp_path / "cwd"
-    root.mkdir()
-    elsewhere.mkdir()
-    (root / "vq.safetensors").write_bytes(b"x")
-    monkeypatch.chdir(elsewhere)
-    cfg = P.load_pretrain_config(None, [f"data.dir={root}", "visual_tokenizer=vq.safetensors"])
-    assert P.ensure_visual_tokenizer(cfg) == root / "vq.safetensors"
-    cfg = P.load_pretrain_config(None, [f"data.dir={root}", "visual_tokenizer=missing.safetensors"])
-    with pytest.raises(FileNotFoundError, match="data.dir"):
-        P.ensure_visual_tokenizer(cfg)
+def test_builtin_data_refuses_paths_outside_its_folder(tmp_path):
+    """data.dir changed alone: the streams would read the old folder while the data is generated in the new one."""
+    cfg = P.load_pretrain_config("configs/pretrain_tiny.yaml", [f"data.dir={tmp_path / 'new'}", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"data.text=multiway_data/shapes/corpus.txt is outside data.dir=.*new"):
+        P.pretrain(cfg)
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("layout", ["folder", "jsonl"])
@@ -71,10 +67,11 @@ def test_vqkd_auto_training_reads_the_configured_image_stream(tmp_path, monkeypa
     mine.mkdir()
     for i in range(5):
         Image.new("RGB", (48, 40), (250, 10 * i, 0)).save(mine / f"{i}.png")
-    source = "my_images"
+    source = "data/my_images"  # config paths: from the working directory; image_path in a jsonl: from the jsonl's folder
     if layout == "jsonl":
         (root / "mine.jsonl").write_text("".join(json.dumps({"image_path": f"my_images/{i}.png"}) + "\n" for i in range(5)))
-        source = "mine.jsonl"
+        source = "data/mine.jsonl"
+    monkeypatch.chdir(tmp_path)
     seen = {}
 
     def fake_train(data, out, **kwargs):

@@ -75,7 +75,9 @@ def tiny_data(tmp_path_factory):
 def _cfg(root, vq, out, *more):
     return load_pretrain_config(
         "configs/pretrain_tiny.yaml",
-        [f"data.dir={root}", f"visual_tokenizer={vq}", f"train.out_dir={out}", "batch={text: 4, image: 4, pair: 4}",
+        [f"data.dir={root}", f"text_tokenizer={root / 'shapes.spm'}", f"data.text={root / 'corpus.txt'}", f"data.image={root / 'shards'}",
+         f"data.pair={root / 'shards'}", f"data.eval_pairs={root / 'coco_retrieval.val.jsonl'}",
+         f"visual_tokenizer={vq}", f"train.out_dir={out}", "batch={text: 4, image: 4, pair: 4}",
          "data.num_workers=0", "data.eval_size=16", "train.progress=false", *more],
     )
 

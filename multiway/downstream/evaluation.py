@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from ..config import deep_update, read_yaml_mapping
+from ..config import deep_update, read_yaml_mapping, resolve_path
 from .finetune import load_tokenizer
 from .tasks import DataSettings, EvalSettings, get_task, model_file_family
 from .tasks.base import evaluation_mode
@@ -42,7 +42,7 @@ def evaluate(model: str | Path, task: str | None = None, data_dir: str | None = 
     there too (VQA submission for unlabelled splits, generated captions). Arguments: see :class:`EvaluateConfig`.
     """
 
-    path = Path(model)
+    path = resolve_path(model, "model", must_exist=True)
     saved: dict[str, Any] = {}
     meta: dict[str, Any] = {}
     if path.is_dir():
@@ -71,9 +71,10 @@ def evaluate(model: str | Path, task: str | None = None, data_dir: str | None = 
         from ..tokenizers.text import TextTokenizer
 
         tok = TextTokenizer.from_bytes(extras.tokenizer, f"{path} (embedded tokenizer)")
-    img_size = task_cls.model_limits(net)[0]
-    data = DataSettings(data_dir, tokenizer=tok, max_text_len=int(saved.get("max_text_len", meta.get("max_text_len", 64))),
-                        img_size=img_size, labels=meta.get("labels"))
+    img_size, text_limit = task_cls.model_limits(net)
+    pre = (extras.preprocessing if extras is not None else None) or {}
+    max_text_len = int(saved.get("max_text_len") or meta.get("max_text_len") or pre.get("max_text_len") or 64)
+    data = DataSettings(data_dir, tokenizer=tok, max_text_len=min(max_text_len, text_limit), img_size=img_size, labels=meta.get("labels"))
     dataset = downstream.build_dataset(split, data)
     results = Path(out_dir) if out_dir else folder
     settings = EvalSettings(batch_size=batch_size, num_workers=num_workers, out_dir=str(results), split=split)

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ConfigError, save_config
+from ..config import ConfigError, resolve_path, save_config
 from ..log import get_logger
 from ..model.config import MultiwayConfig
 from ..train import TrainConfig, train
@@ -82,7 +82,7 @@ class FinetuneConfig:
     """Everything a fine-tuning run needs (YAML: these keys; ``model:``, ``train:`` and ``options:`` sections)."""
 
     task: str  # an official task name (multiway.downstream.tasks.TASKS)
-    data_dir: str  # the folder of the task's index files
+    data_dir: str  # the folder of the task's index files (paths here: relative ones from the working directory)
     out_dir: str  # the run folder
     tokenizer: str | None = None  # SentencePiece model; needed for string texts, captioning and inference
     model: ModelSection = field(default_factory=ModelSection)  # type: ignore[valid-type]
@@ -123,13 +123,14 @@ class FinetuneConfig:
                             crop_scale=tuple(self.crop_scale), hflip=self.hflip, randaug=self.randaug, labels=labels)
 
 
-def load_tokenizer(path: str | None) -> Any:
-    """A :class:`~multiway.tokenizers.TextTokenizer` of ``path``, or None."""
+def load_tokenizer(path: str | None, key: str = "tokenizer") -> Any:
+    """A :class:`~multiway.tokenizers.TextTokenizer` of ``path`` (relative: from the working directory, as every
+    path; ``key`` names it in the error), or None."""
     if not path:
         return None
     from ..tokenizers.text import TextTokenizer
 
-    return TextTokenizer(path)
+    return TextTokenizer(resolve_path(path, key, must_exist=True))
 
 
 #: a fine-tune that would build a backbone this large on a CPU without a config is refused (see check_model_size)
@@ -171,7 +172,7 @@ def build_task_model(task: DownstreamTask, cfg: FinetuneConfig, num_classes: int
     source = task.model_source(cfg.model.preset, cfg.model.config_overrides(), tokenizer, cfg.max_text_len)
     model = task.build_model(source, num_classes)
     if cfg.model.init:
-        report = task.load_init(model, cfg.model.init)
+        report = task.load_init(model, str(resolve_path(cfg.model.init, "model.init", must_exist=True)))
         logger.info("init from %s: %s", cfg.model.init, report)
     return model
 

@@ -109,6 +109,7 @@ def load_predictor(
     task with its head and that task's default options.
     """
     import multiway
+    from multiway.config import resolve_path
     from multiway.model.checkpoints import ModelExtras, read_model_extras
     from multiway.model.factory import model_name_of
 
@@ -120,7 +121,7 @@ def load_predictor(
     if isinstance(model, nn.Module):
         net = model
     else:
-        path = Path(model)
+        path = resolve_path(model, "model")
         if path.is_dir():
             if (path / "task.json").is_file():
                 meta = json.loads((path / "task.json").read_text())
@@ -157,7 +158,7 @@ def load_predictor(
     if tok_path and not tokenizer and extras.tokenizer is not None and not Path(tok_path).is_file():
         tok_path = None  # a run folder moved away from its tokenizer: the model file carries a copy
     if tok_path:
-        tok = TextTokenizer(tok_path)
+        tok = TextTokenizer(resolve_path(tok_path, "tokenizer", must_exist=True))
     elif extras.tokenizer is not None:
         tok = TextTokenizer.from_bytes(extras.tokenizer, f"{model} (embedded tokenizer)")
     pre = extras.preprocessing or {}

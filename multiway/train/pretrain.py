@@ -2,10 +2,15 @@
 
 ``multiway pretrain --config configs/pretrain_tiny.yaml`` runs :func:`pretrain`, which
 
-1. on the built-in data (``data.builtin: true``) generates the shapes data set in ``data.dir`` if missing;
+1. on the built-in data (``data.builtin: true``) generates the shapes data set in ``data.dir`` if missing (the
+   streams and ``text_tokenizer`` must then name files inside ``data.dir``);
 2. gets the visual tokenizer: ``tokenizer.visual`` (a VQ-KD file), or — when that is empty — trains a small VQ-KD
    against the ``pixels`` teacher on the training images once and caches it as ``<data.dir>/vqkd_<preset>_pixels.safetensors``;
 3. builds :class:`~multiway.BEiT3ForPretraining` and a :class:`PretrainTask`, and calls :func:`multiway.train.train`.
+
+Paths (``data.*`` sources, ``text_tokenizer``, ``visual_tokenizer``, ``data.dir``, ``train.out_dir``) follow the
+one rule of every command (:func:`multiway.config.resolve_path`): relative paths are read from the working
+directory.
 
 Each optimizer step sees ``batch.text`` texts (15% of tokens masked), ``batch.image`` images (40% of patches
 masked block-wise, targets = VQ-KD tokens of the same augmented view) and ``batch.pair`` pairs (50% of the text
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..config import check_literals, from_dict, load_config, to_dict
+from ..config import check_literals, from_dict, load_config, resolve_path, to_dict
 from ..log import get_logger
 from .config import TrainConfig
 from .loop import train
@@ -51,13 +56,16 @@ def _stream_id(name: str) -> int:
 class DataConfig:
     """Where the pretraining streams come from (``data:`` of a pretraining config)."""
 
-    dir: str = "multiway_data/shapes"  # data root; relative sources below resolve against it
-    builtin: bool = True  # generate the shapes data set in `dir` if it is missing
+    # the built-in data's folder (data.builtin) and the cache of an auto-trained VQ-KD; every path here is read
+    # from the working directory when relative, like every path of every command
+    dir: str = "multiway_data/shapes"
+    builtin: bool = True  # generate the shapes data set in `dir` if it is missing (the sources must lie inside `dir`)
     builtin_num_images: int = 2000
-    text: str | list[str] | None = "corpus.txt"  # .txt / .jsonl / tar shards
-    image: str | list[str] | None = "shards"  # tar shards / image folder / jsonl with image_path
-    pair: str | list[str] | None = "shards"  # tar shards (img + txt) / jsonl (image_path + text)
-    eval_pairs: str | None = "coco_retrieval.val.jsonl"  # held-out pairs (their texts and images serve all streams)
+    text: str | list[str] | None = "multiway_data/shapes/corpus.txt"  # .txt / .jsonl / tar shards
+    image: str | list[str] | None = "multiway_data/shapes/shards"  # tar shards / image folder / jsonl with image_path
+    pair: str | list[str] | None = "multiway_data/shapes/shards"  # tar shards (img + txt) / jsonl (image_path + text)
+    # held-out pairs (their texts and images serve all streams)
+    eval_pairs: str | None = "multiway_data/shapes/coco_retrieval.val.jsonl"
     eval_size: int = 256
     num_workers: int = 0
     text_max_len: int = 32  # text-only stream, with specials
@@ -70,8 +78,8 @@ class PretrainConfig:
 
     model: str = "beit3_tiny_patch8_32"  # a preset name (multiway.PRESETS)
     model_overrides: dict[str, Any] = field(default_factory=lambda: {"drop_path_rate": 0.1})  # MultiwayConfig fields
-    text_tokenizer: str = "shapes.spm"  # relative to data.dir
-    visual_tokenizer: str | None = None  # VQ-KD .safetensors, relative to data.dir; None = train a tiny one (cached)
+    text_tokenizer: str = "multiway_data/shapes/shapes.spm"  # SentencePiece model
+    visual_tokenizer: str | None = None  # VQ-KD .safetensors; None = train a tiny one (cached in data.dir)
     vqkd_preset: str = "vqkd_tiny_patch8_32"  # the VQ-KD trained when visual_tokenizer is None
     vqkd_steps: int = 300  # its training steps
     vqkd_images: int = 4096  # at most this many images of data.image (else data.pair) train it
@@ -112,12 +120,14 @@ def load_pretrain_config(path: str | Path | None, overrides: Sequence[str] = ())
 # --- data -----------------------------------------------------------------------------------------------
 
 
-def _resolve(root: Path, src: str | list[str] | None):
+def _sources(src: str | list[str] | None, key: str) -> str | list[str] | None:
+    """A stream's source(s) by the one path rule (:func:`multiway.config.resolve_path`); globs and brace ranges
+    stay patterns (the streams expand them)."""
     if src is None:
         return None
     if isinstance(src, (list, tuple)):
-        return [_resolve(root, s) for s in src]
-    return src if Path(src).is_absolute() else str(root / src)
+        return [str(resolve_path(s, key)) for s in src]
+    return str(resolve_path(src, key))
 
 
 class _PrivateRNG:
@@ -166,7 +176,6 @@ class PretrainTask:
         self.tok, self.vqkd = text_tokenizer, visual_tokenizer
         if self.vqkd is not None:
             self.vqkd.eval().requires_grad_(False)
-        self.root = Path(cfg.data.dir)
         grid = model_config.img_size // model_config.patch_size
         n = grid * grid
         self.image_masker = BlockMaskingGenerator.from_ratio(
@@ -201,7 +210,7 @@ class PretrainTask:
         from multiway.data.streams import ImageStream, PairStream, TextStream
 
         d = self.cfg.data
-        src = _resolve(self.root, getattr(d, name))
+        src = _sources(getattr(d, name), f"data.{name}")
         common = dict(rank=rank, world_size=world_size, shuffle=True, seed=mix_seeds(seed, 7, _stream_id(name)) % 2**31, repeat=True,
                       on_error="skip")
         if name == "text":
@@ -310,7 +319,7 @@ class PretrainTask:
             from multiway.data.streams import PairStream
 
             d = self.cfg.data
-            stream = PairStream(_resolve(self.root, d.eval_pairs), transform=self._transform(False), tokenizer=self.tok,
+            stream = PairStream(_sources(d.eval_pairs, "data.eval_pairs"), transform=self._transform(False), tokenizer=self.tok,
                                 max_len=d.pair_max_len)
             samples = []
             for s in stream:
@@ -400,21 +409,12 @@ class _StreamImages(torch.utils.data.Dataset):
         return self.augment(self.images[i])
 
 
-def resolve_path(root: Path, path: str) -> Path:
-    """A config path: absolute as given, relative against the data folder ``root`` (``data.dir``)."""
-    return Path(path) if Path(path).is_absolute() else root / path
-
-
 def ensure_visual_tokenizer(cfg: PretrainConfig) -> Path:
-    """The VQ-KD file to use: ``cfg.visual_tokenizer`` (relative to ``data.dir``), or a tiny one trained with the
-    pixels teacher on the configured image stream (``data.image``, else the images of ``data.pair``), cached in
-    ``data.dir``."""
-    root = Path(cfg.data.dir)
+    """The VQ-KD file to use: ``cfg.visual_tokenizer``, or a tiny one trained with the pixels teacher on the
+    configured image stream (``data.image``, else the images of ``data.pair``), cached in ``data.dir``."""
+    root = resolve_path(cfg.data.dir, "data.dir")
     if cfg.visual_tokenizer:
-        path = resolve_path(root, cfg.visual_tokenizer)
-        if not path.is_file():
-            raise FileNotFoundError(f"visual_tokenizer: {path} not found (relative paths are read from data.dir = {root})")
-        return path
+        return resolve_path(cfg.visual_tokenizer, "visual_tokenizer", must_exist=True)
     from multiway.tokenizers.vqkd import VQKD_PRESETS
     from multiway.tokenizers.vqkd_training import train_visual_tokenizer
 
@@ -426,7 +426,8 @@ def ensure_visual_tokenizer(cfg: PretrainConfig) -> Path:
     if not path.is_file():
         if cfg.vqkd_preset not in VQKD_PRESETS:
             raise KeyError(f"vqkd_preset: unknown {cfg.vqkd_preset!r}; presets: {', '.join(VQKD_PRESETS)}")
-        images = _StreamImages(_resolve(root, source), VQKD_PRESETS[cfg.vqkd_preset].img_size, cfg.vqkd_images)
+        key = "data.image" if cfg.data.image is not None else "data.pair"
+        images = _StreamImages(_sources(source, key), VQKD_PRESETS[cfg.vqkd_preset].img_size, cfg.vqkd_images)
         logger.info("training a %s visual tokenizer (pixels teacher, %d steps) on %d images of %s", cfg.vqkd_preset, cfg.vqkd_steps,
                     len(images), source)
         # a small image set trains with one batch of all of it (the default batch of 64 would not fit)
@@ -436,12 +437,28 @@ def ensure_visual_tokenizer(cfg: PretrainConfig) -> Path:
     return path
 
 
+def check_builtin_paths(cfg: PretrainConfig) -> None:
+    """With ``data.builtin`` the data is generated into ``data.dir``: refuse sources or a text tokenizer outside it
+    (a ``data.dir=`` changed without the paths would otherwise train on other data than it generates)."""
+    root = resolve_path(cfg.data.dir, "data.dir").resolve()
+    named = {f"data.{k}": getattr(cfg.data, k) for k in ("text", "image", "pair", "eval_pairs")}
+    named["text_tokenizer"] = cfg.text_tokenizer
+    for key, value in named.items():
+        for item in [value] if isinstance(value, str) else (value or []):
+            path = resolve_path(item, key).resolve()
+            if path != root and root not in path.parents:
+                raise ValueError(f"{key}={item} is outside data.dir={cfg.data.dir}, where data.builtin=true generates the built-in "
+                                 f"data: name it inside data.dir (paths are read from the working directory), or set data.builtin=false")
+
+
 def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict[str, float]:
     """Run BEiT-3 pretraining as ``cfg`` says (see the module docstring). Returns the final metrics."""
     import multiway
     from multiway.tokenizers import TextTokenizer, load_vqkd
 
-    root = Path(cfg.data.dir)
+    root = resolve_path(cfg.data.dir, "data.dir")
+    if cfg.data.builtin:
+        check_builtin_paths(cfg)
     if cfg.data.builtin and not (root / "manifest.json").is_file():
         from multiway.data.shapes import generate_synthetic_dataset
 
@@ -450,7 +467,7 @@ def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict[str, float]:
                              "generates into a new or empty folder; set data.builtin=false to train on your data there, "
                              "or point data.dir at a new folder")
         generate_synthetic_dataset(root, num_images=cfg.data.builtin_num_images, progress=cfg.train.progress)
-    tok = TextTokenizer(resolve_path(root, cfg.text_tokenizer))
+    tok = TextTokenizer(resolve_path(cfg.text_tokenizer, "text_tokenizer", must_exist=True))
     vqkd = None
     if cfg.visual_tokens == "online" and cfg.batch.get("image", 0) + (cfg.batch.get("pair", 0) if cfg.pair_image_mask_ratio > 0 else 0) > 0:
         vqkd = load_vqkd(ensure_visual_tokenizer(cfg))
@@ -467,4 +484,5 @@ def pretrain(cfg: PretrainConfig, resume: bool = True) -> dict[str, float]:
     return train(model, task, cfg.train, resume=resume)
 
 
-__all__ = ["DataConfig", "PretrainConfig", "PretrainTask", "ensure_visual_tokenizer", "load_pretrain_config", "pretrain"]
+__all__ = ["DataConfig", "PretrainConfig", "PretrainTask", "check_builtin_paths", "ensure_visual_tokenizer", "load_pretrain_config",
+           "pretrain"]
