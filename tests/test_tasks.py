@@ -185,7 +185,6 @@ KNOWN_BRANCHES = {
     "multiway/data/transforms.py": "build_transform('imagenet', ...) still selects timm's ImageNet recipe by name",
     "multiway/export/__init__.py": "ONNX export: which graph part (retrieval encoders, VQA head) is exported",
     "multiway/meter/arrow.py": "METER's .arrow tables: each table's schema, converted to its task's index files",
-    "multiway/meter/checkpoints.py": "METER releases: the VQA head's official key layout",
     "multiway/planning/planner.py": "memory planner: the input shapes each model head takes",
 }
 RUNNERS = ["multiway/downstream/finetune.py", "multiway/downstream/evaluation.py", "multiway/downstream/predict.py",

@@ -398,13 +398,19 @@ def load_official_checkpoint(
     return report
 
 
+#: wrapper class -> (constructor argument, official key whose first dimension sets it): head sizes a release fixes
+_OFFICIAL_HEAD_SIZES: dict[type[_Wrapper], tuple[str, str]] = {METERForVQA: ("num_labels", "vqa_classifier.3.weight")}
+
+
 def head_kwargs_from_official(task: str, state: Mapping[str, Tensor]) -> dict[str, Any]:
     """Constructor arguments of the ``task`` wrapper that the checkpoint fixes (VQA: the answer count)."""
-    if task == "vqa":
-        if "vqa_classifier.3.weight" not in state:
-            raise CheckpointError("task 'vqa' needs 'vqa_classifier.3.weight' in the checkpoint to know the answer count")
-        return {"num_labels": state["vqa_classifier.3.weight"].shape[0]}
-    return {}
+    cls = OFFICIAL_TASKS[task]
+    if cls not in _OFFICIAL_HEAD_SIZES:
+        return {}
+    argument, key = _OFFICIAL_HEAD_SIZES[cls]
+    if key not in state:
+        raise CheckpointError(f"task {task!r} needs {key!r} in the checkpoint to know its {argument}")
+    return {argument: state[key].shape[0]}
 
 
 def from_official(
