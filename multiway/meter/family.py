@@ -67,9 +67,11 @@ class METERFamily:
         from ..model.checkpoints import LoadReport, raise_unfit
         from .checkpoints import load_meter
 
-        source = load_meter(path).state_dict()
+        loaded = load_meter(path)
+        same_head = type(loaded) is type(model)  # another task's head never seeds this one, even where shapes agree
+        source = loaded.state_dict()
         expected = model.state_dict()
-        fits = {k: v for k, v in source.items() if k in expected and v.shape == expected[k].shape}
+        fits = {k: v for k, v in source.items() if k in expected and v.shape == expected[k].shape and (same_head or k.startswith("meter."))}
         missing = [k for k in expected if k.startswith("meter.") and k not in fits]
         if missing:
             raise_unfit(path, model, missing, [], [], "initialise from a METER file of the same preset and tokenizer")
