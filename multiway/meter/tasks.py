@@ -4,7 +4,8 @@ pre-training as a :class:`~multiway.train.task.TrainTask`.
 Each task class reuses the BEiT-3 task of the same data (its index files, datasets and collation) and brings
 METER's head, loss and evaluation; ``build_model`` puts the head on a (pretrained) METER model. They are registered
 in the one task registry under the official names (``get_task("vqav2", "meter")``, see
-:data:`multiway.downstream.tasks.FAMILY_TASKS`), so ``multiway finetune vqav2 model.preset=meter_...`` trains them. Batches use BEiT-3's field names, so the same datasets and collate functions feed both systems:
+:data:`multiway.downstream.tasks.FAMILY_TASKS`), so ``multiway finetune vqav2 model.preset=meter_...`` trains them.
+Batches use BEiT-3's field names, so the same datasets and collate functions feed both systems:
 
 * pre-training / retrieval / captioning: ``image (B,3,H,W)``, ``language_tokens (B,T)``, ``padding_mask (B,T)``
   (+ ``image_id (B,)`` for retrieval and captioning);
