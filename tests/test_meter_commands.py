@@ -24,9 +24,9 @@ def data(tmp_path_factory):
                                       progress=False)
 
 
-def _finetune(task: str, data, out, *more: str) -> dict:
+def _finetune(task: str, data, out, *more: str, preset: str = PRESET) -> dict:
     argv = ["finetune", task, "--data-dir", str(data), "--tokenizer", str(data / "shapes.spm"), "--out-dir", str(out),
-            f"model.preset={PRESET}", "train.max_steps=2", "batch_size=8", "max_text_len=24", "train.progress=false", *more]
+            f"model.preset={preset}", "train.max_steps=2", "batch_size=8", "max_text_len=24", "train.progress=false", *more]
     assert cli.main(argv) == 0
     return json.loads((out / "eval_val.json").read_text())
 
@@ -84,6 +84,20 @@ def test_init_from_a_meter_file_and_other_tasks(vqa_run, data, tmp_path):
     moved = [k for k, v in backbone.items() if not torch.allclose(v, start[k], atol=1e-6)]
     assert backbone and not moved, moved
     assert "average" in _finetune("coco_retrieval", data, tmp_path / "ret")
+
+
+def test_meter_captioning_from_the_same_commands(data, tmp_path, capsys):
+    out = tmp_path / "cap"
+    assert "cider" in _finetune("coco_captioning", data, out, preset="meter_tiny_vit_bert_coattn_encdec")
+    capsys.readouterr()
+    images = sorted((data / "images" / "val").iterdir())[:2]
+    assert cli.main(["predict", "caption", "--model", str(out), *map(str, images), "--max-len", "6", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in rows] == list(map(str, images)) and all(isinstance(r["caption"], str) for r in rows)
+    assert cli.main(["predict", "caption", "--model", str(out), str(images[0]), "--num-beams", "3"]) == 2
+    assert "decodes greedily" in capsys.readouterr().err
+    model, processor = multiway.load(out)
+    assert type(model).__name__ == "METERForCaptioning" and len(processor.predict(images=images, max_len=6).rows) == 2
 
 
 def test_a_meter_preset_refuses_beit3_overrides_and_unknown_tasks(data, tmp_path, capsys):

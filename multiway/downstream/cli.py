@@ -85,12 +85,12 @@ def _predict(args: argparse.Namespace) -> int:
     from .inference import load_predictor
 
     pred = load_predictor(args.model, tokenizer=args.tokenizer, labels=getattr(args, "labels", None), model_name=args.model_name)
-    offered = type(pred.downstream).predict_commands
-    if args.predict_command not in offered:
-        names = ", ".join(c.name for c in offered) or "none"
+    # the model's own task runs the command (METER's tasks offer some of BEiT-3's commands with their own code)
+    offered = {c.name: c for c in type(pred.downstream).predict_commands}
+    if args.predict_command.name not in offered:
         raise ValueError(f"predict {args.predict_command.name}: {args.model} is a {pred.downstream.family} {pred.downstream.name} model; "
-                         f"its predictions: {names}")
-    return args.predict_command.run(args, pred)
+                         f"its predictions: {', '.join(offered) or 'none'}")
+    return offered[args.predict_command.name].run(args, pred)
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..data.masking import IGNORE_INDEX
 from ..downstream.metrics import caption_metrics, retrieval_recall, vqa_score
-from ..downstream.tasks.base import DataSettings, DownstreamTask, EvalSettings
+from ..downstream.tasks.base import DataSettings, DownstreamTask, EvalSettings, PredictCommand
+from ..downstream.tasks.captioning import caption_arguments
 from ..downstream.tasks.nlvr2 import NLVR2
 from ..downstream.tasks.retrieval import CocoRetrieval
 from ..downstream.tasks.vqav2 import VQAv2
@@ -246,6 +247,30 @@ def captioning_evaluate(
     return {"cider": 100.0 * scores["CIDEr"], "bleu4": 100.0 * scores["Bleu_4"]}
 
 
+@torch.no_grad()
+def meter_caption(pred: Any, inputs: Any, max_len: int | None = None, batch_size: int = 16) -> Any:
+    """Greedy captions of METER's encoder-decoder for every image: rows ``{"path", "caption"}`` (the
+    :class:`~multiway.downstream.inference.Result` of BEiT-3's ``caption``); ``max_len`` defaults to the run's
+    ``max_gen_len``."""
+    from ..downstream.inference import Result, image_batches, list_images, require
+
+    require(pred, METERCaptioning, tokenizer=True)
+    max_len = max_len or pred.downstream.options.max_gen_len
+    result = Result()
+    for images, ok in image_batches(pred, list_images(inputs), batch_size, result):
+        for path, row in zip(ok, pred.model.generate(images, max_len=max_len).tolist()):
+            result.rows.append({"path": str(path), "caption": pred.tokenizer.decode(row)})
+    return result
+
+
+def _meter_caption_run(args: Any, pred: Any) -> int:
+    from ..downstream.inference import print_result
+
+    if getattr(args, "num_beams", None) not in (None, 1):
+        raise ValueError(f"--num-beams {args.num_beams}: METER's captioning decodes greedily; leave --num-beams out")
+    return print_result(meter_caption(pred, args.inputs, max_len=args.max_len), args.json, args.strict)
+
+
 def fast_caption_metrics(predictions: dict, references: dict) -> dict[str, float]:
     """BLEU-4 and CIDEr from pycocoevalcap with lower-case whitespace tokenisation: no Java (PTB tokenizer,
     METEOR), so a tiny study does not spend most of its time in JVM start-up. Use :func:`caption_metrics` for
@@ -400,10 +425,16 @@ class METERCaptioning(_METERTask, CocoRetrieval):
     metric, metric_label = "cider", "CIDEr"
     Options = METERCaptioningOptions
     zero_shot_from_pretraining = False
-    predict_commands = ()
-    predict = DownstreamTask.predict
     needs_decoder = True
     study_columns = {"cider": "cider", "bleu4": "bleu4"}
+    # `multiway predict caption` (BEiT-3's arguments; greedy decoding, so --num-beams is refused above 1)
+    predict_commands = (PredictCommand("caption", "caption images", caption_arguments, _meter_caption_run),)
+
+    def predict(self, predictor: Any, images: Any = None, text: Any = None, **options: Any) -> Any:
+        """Captions of ``images``: rows ``{"path", "caption"}`` (options: max_len, batch_size)."""
+        if images is None:
+            raise TypeError(f"{self.name} predict needs images=")
+        return meter_caption(predictor, images, **options)
 
     def build_model(self, source: Any, num_classes: int | None = None) -> nn.Module:
         return METERForCaptioning(_meter_of(source))

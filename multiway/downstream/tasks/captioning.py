@@ -130,7 +130,8 @@ def caption(pred: Predictor, inputs: Iterable[str], num_beams: int | None = None
     return result
 
 
-def _caption_arguments(parser: argparse.ArgumentParser) -> None:
+def caption_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``multiway predict caption`` (METER's captioning takes the same)."""
     parser.add_argument("inputs", nargs="+", help="image files or folders")
     parser.add_argument("--num-beams", dest="num_beams", type=int)
     parser.add_argument("--max-len", dest="max_len", type=int)
@@ -152,7 +153,7 @@ class CocoCaptioning(DownstreamTask):
     Options = CaptioningOptions
     recipe = "finetune_coco_captioning_base.yaml"
     find_unused_parameters = True
-    predict_commands = (PredictCommand("caption", "caption images", _caption_arguments, _caption_run),)
+    predict_commands = (PredictCommand("caption", "caption images", caption_arguments, _caption_run),)
 
     def predict(self, predictor: Predictor, images: Any = None, text: Any = None, **options: Any) -> Result:
         """Captions of ``images``: rows ``{"path", "caption"}`` (options: num_beams, max_len, length_penalty)."""
