@@ -4,7 +4,8 @@ The detector itself is torchvision's (RPN, RoI heads, box coder, losses, mask he
 (:class:`~multiway.dense.pyramid.DenseBackbone`: the vision encoder plus a ViTDet or BEiT pyramid) and sets the
 parts that depend on that pyramid:
 
-* anchors: one size per level, 8 x the level's stride (32 .. 512 px for patch 16, ViTDet/FPN), ratios 0.5, 1, 2;
+* anchors: one size per level, 8 x the level's stride (32 .. 512 px for patch 16, ViTDet/FPN; ``anchor_scale``
+  changes the 8), ratios 0.5, 1, 2;
 * RoIAlign: ``MultiScaleRoIAlign`` over p2..p5 (p6 feeds the RPN only), 7x7 boxes and 14x14 masks, sampling 2;
 * padding: inputs padded to a multiple of the p5 stride (2 x patch).
 
@@ -62,9 +63,13 @@ def soft_nms(boxes: Tensor, scores: Tensor, labels: Tensor, sigma: float = 0.5, 
     return keep[ranked], new[ranked]
 
 
-def anchor_sizes(patch_size: int) -> tuple[tuple[int], ...]:
-    """One anchor size per level p2..p6: 8 x its stride (patch 16: 32, 64, 128, 256, 512)."""
-    return tuple((int(2 * patch_size * 2**k),) for k in range(5))
+def anchor_sizes(patch_size: int, scale: float = 8.0) -> tuple[tuple[int], ...]:
+    """One anchor size per level p2..p6: ``scale`` x its stride (ViTDet/FPN's 8, patch 16: 32, 64, 128, 256, 512).
+
+    A smaller ``scale`` suits objects small against the image (the built-in 32-px scenes: 4, i.e. 8 .. 128 px)."""
+    if scale <= 0:
+        raise ValueError(f"anchor scale={scale}: expected a positive multiple of the level stride")
+    return tuple((max(1, round(scale * patch_size / 4 * 2**k)),) for k in range(5))
 
 
 class Detector(nn.Module):
@@ -100,7 +105,7 @@ def build_detector(beit3: MultiwayTransformer, num_classes: int, masks: bool = T
                    out_channels: int = 256, min_size: int = 1024, max_size: int = 1024,
                    image_mean: tuple[float, ...] = VL_MEAN, image_std: tuple[float, ...] = VL_STD,
                    soft_nms: bool = False, detections_per_img: int = 100, box_head_width: int = 1024, mask_head_width: int = 256,
-                   **detector_kwargs: Any) -> Detector:
+                   anchor_scale: float = 8.0, **detector_kwargs: Any) -> Detector:
     """Mask R-CNN (``masks=True``) or Faster R-CNN from torchvision on the multiway backbone plus a pyramid.
 
     Args:
@@ -114,12 +119,13 @@ def build_detector(beit3: MultiwayTransformer, num_classes: int, masks: bool = T
             disabled and 3x ``detections_per_img`` candidates go into soft-NMS).
         box_head_width / mask_head_width: widths of the box head's two FC layers and the mask head's four convs
             (torchvision's defaults 1024 / 256; smaller for tiny CPU models).
+        anchor_scale: anchor size as a multiple of each level's stride (:func:`anchor_sizes`).
         detector_kwargs: further torchvision arguments (``rpn_*``, ``box_*``).
     """
     if num_classes < 1:
         raise ValueError(f"num_classes={num_classes}: a detector needs at least one object class")
     backbone = DenseBackbone(beit3, pyramid, out_channels, own_backbone=False)
-    anchors = AnchorGenerator(anchor_sizes(beit3.config.patch_size), ((0.5, 1.0, 2.0),) * 5)
+    anchors = AnchorGenerator(anchor_sizes(beit3.config.patch_size, anchor_scale), ((0.5, 1.0, 2.0),) * 5)
     box_pool = MultiScaleRoIAlign(list(LEVELS), output_size=7, sampling_ratio=2)
     kwargs = dict(min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std),
                   rpn_anchor_generator=anchors, box_roi_pool=box_pool, size_divisible=backbone.stride,

@@ -36,6 +36,7 @@ class ADE20KOptions:
     channels: int = 768
     aux_channels: int = 256
     aux_weight: float = 0.4
+    input_scale: float = 1.0  # each crop is resized by this before the encoder (small objects: more patches each)
     stride_fraction: float = 2 / 3  # sliding-window stride as a fraction of the crop (the crop is the input size)
 
 
@@ -159,7 +160,8 @@ class ADE20K(DownstreamTask):
         preset = overrides.pop("preset")
         o = self.options
         return multiway.create_model(f"{preset}_{self.head}", num_classes=num_classes or 150, channels=o.channels,
-                                     aux_channels=o.aux_channels, aux_weight=o.aux_weight, **overrides)
+                                     aux_channels=o.aux_channels, aux_weight=o.aux_weight, input_scale=o.input_scale,
+                                     **overrides)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], step: int = 0) -> tuple[Tensor, dict[str, float]]:
         logits, loss = model(batch["image"], batch["label"])

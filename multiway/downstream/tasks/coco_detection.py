@@ -44,9 +44,13 @@ class CocoDetectionOptions:
     jitter_max: float = 2.0
     soft_nms: bool = False  # soft-NMS instead of hard NMS at inference
     detections_per_img: int = 100
+    rpn_pre_nms_top_n_train: int = 2000  # RPN boxes per level into NMS (NMS dominates a tiny model's step on CPU)
+    rpn_pre_nms_top_n_test: int = 1000
     rpn_post_nms_top_n_train: int = 2000
     rpn_post_nms_top_n_test: int = 1000
     box_batch_size_per_image: int = 512
+    anchor_scale: float = 8.0  # anchor size = this x the level's stride (ViTDet's 8; smaller for small objects)
+    input_size: int = 0  # the detector's input side (torchvision's min/max size); 0: the model's img_size
     score_threshold: float = 0.5  # prediction on user files: detections drawn and written above this score
 
 
@@ -184,9 +188,11 @@ class CocoDetection(DownstreamTask):
         o = self.options
         return multiway.create_model(
             f"{preset}_{self.head}", num_classes=num_classes or 80, masks=self.masks, pyramid=o.pyramid, out_channels=o.out_channels,
-            min_size=size, max_size=size, soft_nms=o.soft_nms, detections_per_img=o.detections_per_img,
-            box_head_width=o.box_head_width, mask_head_width=o.mask_head_width, rpn_post_nms_top_n_train=o.rpn_post_nms_top_n_train,
-            rpn_post_nms_top_n_test=o.rpn_post_nms_top_n_test, box_batch_size_per_image=o.box_batch_size_per_image, **overrides)
+            min_size=o.input_size or size, max_size=o.input_size or size, soft_nms=o.soft_nms, detections_per_img=o.detections_per_img,
+            box_head_width=o.box_head_width, mask_head_width=o.mask_head_width, rpn_pre_nms_top_n_train=o.rpn_pre_nms_top_n_train,
+            rpn_pre_nms_top_n_test=o.rpn_pre_nms_top_n_test, rpn_post_nms_top_n_train=o.rpn_post_nms_top_n_train,
+            rpn_post_nms_top_n_test=o.rpn_post_nms_top_n_test, box_batch_size_per_image=o.box_batch_size_per_image,
+            anchor_scale=o.anchor_scale, **overrides)
 
     def load_init(self, model: nn.Module, path: str) -> Any:
         import multiway

@@ -22,19 +22,25 @@ class ConllOptions:
 
     tag_column: int = -1
     dropout: float = 0.1
-    train_sentences: int = 0  # use only the first N training sentences (0: all); few-shot runs
+    train_sentences: int = 0  # few-shot runs: train on N training sentences drawn with subset_seed (0: all)
+    subset_seed: int = 0
 
 
 class _Subset(Dataset):
-    def __init__(self, base: ConllDataset, count: int):
-        self.base, self.count = base, min(count, len(base))
+    """``count`` sentences of ``base`` drawn without replacement with ``seed`` (a draw over the whole file, so a few
+    sentences still come from many scenes), in file order."""
+
+    def __init__(self, base: ConllDataset, count: int, seed: int = 0):
+        self.base = base
+        self.indices = sorted(random.Random(seed).sample(range(len(base)), min(count, len(base))))
         self.tag_names, self.errors = base.tag_names, base.errors
+        self.sentences = [base.sentences[i] for i in self.indices]
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.indices)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.base[index]
+        return self.base[self.indices[index]]
 
 
 class Conll(DownstreamTask):
@@ -58,7 +64,7 @@ class Conll(DownstreamTask):
             raise ValueError("conll needs a text tokenizer (--tokenizer)")
         dataset = ConllDataset(found[0], data.tokenizer, data.labels, self.options.tag_column, data.max_text_len, data.on_error)
         if split == "train" and self.options.train_sentences:
-            return _Subset(dataset, self.options.train_sentences)
+            return _Subset(dataset, self.options.train_sentences, self.options.subset_seed)
         return dataset
 
     def collate(self, items):
@@ -105,7 +111,7 @@ class Conll(DownstreamTask):
     def chance_level(self, train_set: Dataset, test_set: Dataset) -> float:
         """Entity F1 of tags drawn at random with the training split's tag frequencies."""
         rng = random.Random(0)
-        sentences = train_set.base.sentences[: len(train_set)] if isinstance(train_set, _Subset) else train_set.sentences
+        sentences = train_set.sentences
         pool = [t for _, tags in sentences for t in tags]
         true = [tags for _, tags in test_set.sentences]
         return entity_f1(true, [[rng.choice(pool) for _ in tags] for tags in true])["f1"]
