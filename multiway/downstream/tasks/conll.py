@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,9 +13,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from ...dense.data import ConllDataset, word_predictions
+from ...dense.data import ConllDataset, align_labels, word_predictions
 from ...dense.metrics import entity_f1
-from .base import DataSettings, DownstreamTask, EvalSettings
+from ..inference import Predictor, Result, print_result, require
+from .base import DataSettings, DownstreamTask, EvalSettings, PredictCommand
 
 
 @dataclass
@@ -24,6 +27,36 @@ class ConllOptions:
     dropout: float = 0.1
     train_sentences: int = 0  # few-shot runs: train on N training sentences drawn with subset_seed (0: all)
     subset_seed: int = 0
+
+
+@torch.no_grad()
+def tag_sentences(pred: Predictor, sentences: Sequence[str], batch_size: int = 64) -> Result:
+    """Tag every sentence (words split on whitespace, as in CoNLL files): rows ``{"text", "tags": [[word, tag], ...],
+    "entities": [[type, "words"], ...]}`` (entities by seqeval's IOB reading of the tags)."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    require(pred, Conll.head, tokenizer=True)
+    names = pred.labels or [str(i) for i in range(pred.model.num_classes)]
+    result = Result()
+    for start in range(0, len(sentences), batch_size):
+        chunk = [text.split() for text in sentences[start : start + batch_size]]
+        rows = [align_labels(words, ["O"] * len(words), pred.tokenizer, {"O": 0}, pred.max_text_len) for words in chunk]
+        ids, pad, _, word_of = (torch.tensor([row[k] for row in rows]) for k in range(4))
+        logits, _ = pred.model(ids.to(pred.device), pad.to(pred.device))
+        for words, tags in zip(chunk, word_predictions(logits.cpu(), word_of, [len(w) for w in chunk], names)):
+            entities = [[kind, " ".join(words[first : last + 1])] for kind, first, last in get_entities(tags)]
+            result.rows.append({"text": " ".join(words), "tags": [list(pair) for pair in zip(words, tags)], "entities": entities})
+    return result
+
+
+def _tag_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("texts", help="a text file, one sentence a line")
+    parser.add_argument("--labels", help="tag names, one a line (default: the run's)")
+
+
+def _tag_run(args: argparse.Namespace, pred: Predictor) -> int:
+    texts = [t for t in Path(args.texts).read_text(encoding="utf-8").splitlines() if t.strip()]
+    return print_result(tag_sentences(pred, texts), args.json, args.strict)
 
 
 class _Subset(Dataset):
@@ -55,6 +88,13 @@ class Conll(DownstreamTask):
     Options = ConllOptions
     recipe = "finetune_conll_base.yaml"
     find_unused_parameters = True  # the vision experts get no gradient
+    predict_commands = (PredictCommand("tag", "tag the words of sentences (one a line): NER / chunk tags", _tag_arguments, _tag_run),)
+
+    def predict(self, predictor: Predictor, images: Any = None, text: Any = None, **options: Any) -> Result:
+        """Tags of ``text`` (a sentence or a list): rows ``{"text", "tags", "entities"}``."""
+        if text is None:
+            raise TypeError(f"{self.name} predict needs text=")
+        return tag_sentences(predictor, [text] if isinstance(text, str) else list(text), **options)
 
     def build_dataset(self, split: str, data: DataSettings) -> Dataset:
         found = [Path(data.data_dir) / f for f in self.index_files(split) if (Path(data.data_dir) / f).is_file()]
@@ -117,4 +157,4 @@ class Conll(DownstreamTask):
         return entity_f1(true, [[rng.choice(pool) for _ in tags] for tags in true])["f1"]
 
 
-__all__ = ["Conll", "ConllOptions"]
+__all__ = ["Conll", "ConllOptions", "tag_sentences"]
