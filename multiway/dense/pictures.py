@@ -11,14 +11,18 @@ import torch
 
 @torch.no_grad()
 def plot_dense_examples(detection_run: Path | None, segmentation_run: Path | None, data: Path, path: Path, n: int = 6,
-                        threshold: float = 0.5) -> None:
-    """Rows of ``n`` built-in test images: the image; the detector's boxes, masks and labels (score >= ``threshold``);
-    the segmenter's class map; the true class map. Runs are ``multiway finetune`` folders (either may be None)."""
+                        threshold: float = 0.2, max_detections: int = 4, zoom: int = 4) -> None:
+    """Rows of ``n`` built-in test images: the image; the detector's boxes, masks, labels and scores (the best
+    ``max_detections`` scoring at least ``threshold`` after NMS across classes; a tiny detector's scores stay well
+    under 0.5); the segmenter's class map; the true class map. Runs are ``multiway finetune`` folders (either may
+    be None). Detections are drawn on the image enlarged ``zoom`` times, so that labels stay readable on 32-px
+    scenes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from PIL import Image
+    from torchvision.ops import nms
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     from ..data.io import load_image
@@ -36,13 +40,17 @@ def plot_dense_examples(detection_run: Path | None, segmentation_run: Path | Non
         pictures = []
         for image in images:
             out = det.model([image])[0]
-            keep = out["scores"] >= threshold
-            picture = (image * 255).to(torch.uint8)
-            if "masks" in out and keep.any():
-                picture = draw_segmentation_masks(picture, out["masks"][keep, 0] > 0.5, alpha=0.5)
-            names = [det.labels[i - 1] if det.labels else str(i) for i in out["labels"][keep].tolist()]
-            if keep.any():
-                picture = draw_bounding_boxes(picture, out["boxes"][keep], labels=names, colors="white", font_size=8)
+            # one label per object in the picture: the best class of overlapping boxes (NMS across classes)
+            keep = nms(out["boxes"], out["scores"], 0.5)
+            keep = keep[out["scores"][keep] >= threshold][:max_detections]
+            picture = (image * 255).to(torch.uint8).repeat_interleave(zoom, 1).repeat_interleave(zoom, 2)
+            if "masks" in out and len(keep):
+                masks = out["masks"][keep, 0].repeat_interleave(zoom, 1).repeat_interleave(zoom, 2) > 0.5
+                picture = draw_segmentation_masks(picture, masks, alpha=0.5)
+            labels = [f"{det.labels[i - 1] if det.labels else i} {score:.2f}"
+                      for i, score in zip(out["labels"][keep].tolist(), out["scores"][keep].tolist())]
+            if len(keep):
+                picture = draw_bounding_boxes(picture, out["boxes"][keep] * zoom, labels=labels, colors="white")
             pictures.append(picture.permute(1, 2, 0).numpy())
         rows.append(("detected", pictures))
     palette = plt.get_cmap("tab10")
