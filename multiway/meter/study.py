@@ -512,7 +512,7 @@ PLOT_METRICS = (("vqa_score", "VQA score"), ("nlvr2_acc", "NLVR2 acc"), ("ret_av
 
 
 def plot(rows: list[dict[str, Any]], path: Path, priors: dict[str, float] | None = None) -> None:
-    """One panel per task metric, one bar per configuration (mean ± std); black ticks: the image-blind score
+    """One panel per task metric, one bar per configuration (mean ± std); red diamonds: the image-blind score
     (other images), dashed line: the input-blind prior."""
     import matplotlib
 
@@ -520,7 +520,8 @@ def plot(rows: list[dict[str, Any]], path: Path, priors: dict[str, float] | None
     import matplotlib.pyplot as plt
 
     metrics = [(k, name) for k, name in PLOT_METRICS if any(k in r for r in rows)]
-    labels = [f"{r['fusion'][:5]}/{r['architecture'][:7]}/{r['objectives']}/{r['encoders']}/lr x{r['lr_mult_top']:g}" for r in rows]
+    short = {"co_attention": "co-attn", "merged_attention": "merged", "encoder_only": "enc-only", "encoder_decoder": "enc-dec"}
+    labels = [f"{short[r['fusion']]}/{short[r['architecture']]}/{r['objectives']}/{r['encoders']}/lr x{r['lr_mult_top']:g}" for r in rows]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 1.2 + 0.28 * len(rows)), squeeze=False)
     colors = ["tab:blue" if r["fusion"] == "co_attention" else "tab:orange" for r in rows]
     for ax, (k, name) in zip(axes[0], metrics):
@@ -528,7 +529,7 @@ def plot(rows: list[dict[str, Any]], path: Path, priors: dict[str, float] | None
         ax.barh(range(len(rows)), vals, xerr=[r.get(f"{k}_std", 0.0) for r in rows], color=colors)
         blind = [(i, r[f"{k}_blind"]) for i, r in enumerate(rows) if f"{k}_blind" in r]
         if blind:
-            ax.scatter([b for _, b in blind], [i for i, _ in blind], marker="|", s=200, color="black", zorder=3, label="other images")
+            ax.scatter([b for _, b in blind], [i for i, _ in blind], marker="D", s=30, color="red", zorder=3, label="other images")
         if priors and k in priors:
             ax.axvline(priors[k], color="gray", linestyle="--", label="prior")
         if blind or (priors and k in priors):
@@ -537,7 +538,7 @@ def plot(rows: list[dict[str, Any]], path: Path, priors: dict[str, float] | None
         ax.set_yticks(range(len(rows)))
         ax.set_yticklabels(labels if ax is axes[0][0] else [], fontsize=7)
         ax.invert_yaxis()
-    fig.suptitle("METER grid on the built-in data (blue: co-attention, orange: merged attention)")
+    fig.suptitle("METER grid on the built-in data, mean ± std over seeds (blue: co-attention, orange: merged attention)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
