@@ -73,7 +73,7 @@ CLAIM_METRICS = (("vqa_score", "VQA"), ("nlvr2_acc", "NLVR2"), ("ret_avg", "retr
 FAST: dict[str, Any] = dict(
     fusions=["co_attention", "merged_attention"], architectures=["encoder_only"], objectives=["mlm+itm"], encoders=["vit+embedding"],
     tasks=["vqa", "nlvr2"], seeds=[0, 1], pretrain_steps=2, finetune_steps=2, task_steps={}, text_pretrain_steps=2, max_eval_items=16,
-    batch_size=8, num_images=80, num_pairs=60,
+    batch_size=8, num_images=80, num_pairs=60, data_dir="data/meter_builtin_fast",  # its own folder: never the full grid's data
 )
 
 logger = get_logger(__name__)
