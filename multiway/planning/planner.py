@@ -386,7 +386,10 @@ def _collect_garbage_at_block_boundaries(model: nn.Module) -> Iterator[None]:
     existed before the step are frozen (``gc.freeze``) so that each collection scans only the step's own objects.
     """
     gc.collect()
-    gc.freeze()
+    # freeze only when nothing else has: gc.unfreeze() would also release a caller's frozen objects
+    freeze = gc.get_freeze_count() == 0
+    if freeze:
+        gc.freeze()
     was_enabled = gc.isenabled()
     gc.disable()
 
@@ -401,7 +404,8 @@ def _collect_garbage_at_block_boundaries(model: nn.Module) -> Iterator[None]:
             handle.remove()
         if was_enabled:
             gc.enable()
-        gc.unfreeze()
+        if freeze:
+            gc.unfreeze()
 
 
 def _local_bytes(tensors: Any) -> int:
