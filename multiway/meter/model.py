@@ -184,15 +184,31 @@ class METERModel(nn.Module):
         """(B, T) -> (B, T, Dt)."""
         return self.text(ids, padding_mask)
 
-    def dual_embed_text(self, text_tokens: Tensor) -> Tensor:
+    # The dual-encoder (ITC) features are token means, not [CLS]: a randomly initialised encoder's [CLS] barely depends
+    # on its input (tiny widths: cosine 0.9-0.9999 between any two inputs at init), and ITC on it falls into the
+    # collapsed solution (every logit equal, loss = ln B, vanishing gradients) instead of aligning. Means carry the
+    # tokens from step 0. METER's released models have no dual projections, so no official numerics depend on this.
+
+    def dual_text_feature(self, text_tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """Mean of the non-padding text tokens: (B, T, Dt), padding (B, T) nonzero = pad -> (B, Dt)."""
+        if padding_mask is None:
+            return text_tokens.mean(dim=1)
+        keep = (~padding_mask.bool()).unsqueeze(-1).to(text_tokens.dtype)
+        return (text_tokens * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0)
+
+    def dual_image_feature(self, image_tokens: Tensor) -> Tensor:
+        """Mean of the patch/window grid tokens (prefix tokens left out): (B, N, Dv) -> (B, Dv)."""
+        return image_tokens[:, self.num_image_prefix :].mean(dim=1)
+
+    def dual_embed_text(self, text_tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """Unimodal text embedding for candidate retrieval: (B, T, Dt) -> (B, H), L2-normalised."""
         self._require_dual()
-        return F.normalize(self.itc_text(text_tokens[:, 0]).float(), dim=-1)
+        return F.normalize(self.itc_text(self.dual_text_feature(text_tokens, padding_mask)).float(), dim=-1)
 
     def dual_embed_image(self, image_tokens: Tensor) -> Tensor:
         """Unimodal image embedding: (B, N, Dv) -> (B, H), L2-normalised."""
         self._require_dual()
-        return F.normalize(self.itc_image(self.image_summary(image_tokens)).float(), dim=-1)
+        return F.normalize(self.itc_image(self.dual_image_feature(image_tokens)).float(), dim=-1)
 
     @property
     def num_image_prefix(self) -> int:

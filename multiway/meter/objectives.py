@@ -215,10 +215,11 @@ def patch_pixel_targets(image: Tensor, grid: int) -> Tensor:
 # --- ITM / ITC --------------------------------------------------------------------------------------------
 
 
-def itc_logits(meter: METERModel, text_cls: Tensor, image_cls: Tensor) -> Tensor:
-    """In-batch text-to-image similarity logits (B, B) from the dual projections."""
-    t = torch.nn.functional.normalize(meter.itc_text(text_cls).float(), dim=-1)
-    v = torch.nn.functional.normalize(meter.itc_image(image_cls).float(), dim=-1)
+def itc_logits(meter: METERModel, text_tokens: Tensor, image_tokens: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """In-batch text-to-image similarity logits (B, B) from the dual projections of the unimodal tokens
+    (text (B, T, Dt) with its padding mask, image (B, N, Dv); pooled by :meth:`METERModel.dual_embed_text` / ``_image``)."""
+    t = meter.dual_embed_text(text_tokens, padding_mask)
+    v = meter.dual_embed_image(image_tokens)
     return meter.logit_scale.float().clamp(max=math.log(100.0)).exp() * t @ v.t()
 
 
@@ -325,7 +326,7 @@ def pretraining_loss(
         image_tokens = m.encode_image_tokens(image)
         sim = None
         if obj.itm_hard_negatives:
-            logits_itc = itc_logits(m, text_tokens[:, 0], m.image_summary(image_tokens))
+            logits_itc = itc_logits(m, text_tokens, image_tokens, pad)
             losses["itc"] = itc_loss(logits_itc)
             sim = logits_itc
         neg = sample_negative_images(sim, B, dev)

@@ -129,7 +129,7 @@ def retrieval_loss(model: METERForRetrieval, batch: dict, num_negatives: int = 3
     B = ids.shape[0]
     t = m.encode_text_tokens(ids, pad)
     v = m.encode_image_tokens(image)
-    sim = itc_logits(m, t[:, 0], v[:, 0])
+    sim = itc_logits(m, t, v, pad)
     loss_itc = itc_loss(sim)
     if "image_id" in batch:
         same = batch["image_id"][:, None] == batch["image_id"][None, :]
@@ -172,7 +172,7 @@ def retrieval_evaluate(
     img = torch.stack(images).to(dev)
     t_tok = torch.cat([m.encode_text_tokens(ids[s : s + batch_size], pad[s : s + batch_size]) for s in range(0, len(ids), batch_size)])
     v_tok = torch.cat([m.encode_image_tokens(img[s : s + batch_size]) for s in range(0, len(img), batch_size)])
-    dual = m.dual_embed_image(v_tok) @ m.dual_embed_text(t_tok).t()  # (I, T)
+    dual = m.dual_embed_image(v_tok) @ m.dual_embed_text(t_tok, pad).t()  # (I, T)
 
     def fused(img_rows: Tensor, txt_rows: Tensor) -> Tensor:
         out = []
