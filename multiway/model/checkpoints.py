@@ -69,15 +69,14 @@ def raise_unfit(source: Any, model: nn.Module, missing: list[str], unexpected: l
     """Raise the :class:`CheckpointError` of a checkpoint that does not fit ``model``: the missing and unexpected
     keys and the mismatched shapes (``"key: checkpoint (..) vs model (..)"``), a few of each, then ``hint`` (what to
     check). ``kind`` names the keys' part (``"backbone "``)."""
-    lines = [f"{source} does not fit {type(model).__name__}:"]
-    if missing:
-        lines.append(f"  missing {kind}keys ({len(missing)}): {_short(missing)}")
-    if unexpected:
-        lines.append(f"  unexpected {kind}keys ({len(unexpected)}): {_short(unexpected)}")
-    if mismatched:
-        lines.append(f"  mismatched shapes ({len(mismatched)}): {_short(mismatched)}")
-    lines.append(f"  ({hint})")
+    lines = [f"{source} does not fit {type(model).__name__}:", *_key_report(missing, unexpected, mismatched, kind), f"  ({hint})"]
     raise CheckpointError("\n".join(lines))
+
+
+def _key_report(missing: list[str], unexpected: list[str], mismatched: list[str], kind: str = "") -> list[str]:
+    """The indented lines naming missing and unexpected keys and mismatched shapes (a few of each; empty ones left out)."""
+    parts = ((f"missing {kind}keys", missing), (f"unexpected {kind}keys", unexpected), ("mismatched shapes", mismatched))
+    return [f"  {label} ({len(keys)}): {_short(keys)}" for label, keys in parts if keys]
 
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -143,13 +142,7 @@ def check_shapes(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, tu
     differ = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
     mismatched = [f"{k}: file {found[k]} vs expected {expected[k]}" for k in differ]
     if missing or unexpected or mismatched:
-        lines = [f"{source}: its tensors do not match {what}:"]
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): {_short(missing)}")
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): {_short(unexpected)}")
-        if mismatched:
-            lines.append(f"  mismatched shapes ({len(mismatched)}): {_short(mismatched)}")
+        lines = [f"{source}: its tensors do not match {what}:", *_key_report(missing, unexpected, mismatched)]
         raise CheckpointError("\n".join(lines))
 
 
