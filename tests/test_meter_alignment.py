@@ -86,3 +86,35 @@ def test_itc_aligns_distinct_pairs_below_ln_batch():
         losses.append(loss.item())
     late = sum(losses[-20:]) / 20
     assert late < math.log(BATCH) - 0.5, f"ITC stayed near ln {BATCH} = {math.log(BATCH):.3f}: last-20 mean {late:.3f}"
+
+
+def _image_share_of_fused_text(m: METERModel) -> float:
+    """How much the fused text tokens change when each caption is fused with another pair's image, relative to
+    their norm (mean over tokens)."""
+    images, ids, pad = _pairs()
+    with torch.no_grad():
+        text = m.encode_text_tokens(ids, pad)
+        right = m.fuse(text, m.encode_image_tokens(images), pad).text
+        other = m.fuse(text, m.encode_image_tokens(images.roll(1, 0)), pad).text
+    return float(((right - other).norm(dim=-1) / right.norm(dim=-1)).mean())
+
+
+def test_tiny_fusion_reads_the_image_at_init():
+    """At width 32, METER's 0.02 init lets two post-LN fusion layers mix in almost nothing of the image (0.2% here);
+    the tiny presets' width-scaled init (METER's per-layer gain) mixes in 30 times more from step 0."""
+    from multiway.meter.config import width_scaled_init_std
+
+    scaled = _model()
+    assert scaled.config.init_std == pytest.approx(width_scaled_init_std(32)) == pytest.approx(0.02 * math.sqrt(24))
+    cfg = scaled.config.replace(init_std=0.02)
+    torch.manual_seed(0)
+    narrow = METERModel(cfg)
+    assert _image_share_of_fused_text(narrow) < 0.01
+    assert _image_share_of_fused_text(scaled) > 0.05
+    fusion_weights = [p for n, p in scaled.named_parameters() if n.startswith("fusion.") and n.endswith("q.weight")]
+    assert float(torch.stack([w.detach().std() for w in fusion_weights]).mean()) == pytest.approx(scaled.config.init_std, rel=0.1)
+
+
+def test_init_std_must_be_positive():
+    with pytest.raises(ValueError, match="init_std"):
+        tiny_config().replace(init_std=0.0)

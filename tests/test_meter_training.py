@@ -284,8 +284,26 @@ def test_default_grid_resolves_every_claim_in_principle():
         assert f["evidence"] and not f["finding"].startswith("cannot resolve"), f
 
 
+def test_study_workers_give_the_same_table(builtin, tmp_path):
+    """Runs side by side in worker processes give the runs of one process, in the grid's order."""
+    from multiway.meter.study import FAST, StudyConfig, run_study
+
+    def runs(workers: int) -> list[dict]:
+        cfg = StudyConfig(**{**FAST, "data_dir": str(builtin), "out_dir": str(tmp_path / f"w{workers}"), "tasks": ["vqa"],
+                             "objectives": ["itm"], "pretrain_steps": 1, "finetune_steps": 1, "workers": workers})
+        run_study(cfg, progress=False)
+        result = json.loads((tmp_path / f"w{workers}" / "results.json").read_text())
+        timing = ("_s", "samples_per_s")
+        return [{k: v for k, v in r.items() if not k.endswith(timing)} for r in result["runs"]]
+
+    one, two = runs(1), runs(2)
+    assert len(one) == 6 and one == two
+
+
 def test_study_rejects_unknown_axis_values():
     from multiway.meter.study import StudyConfig
 
+    with pytest.raises(ValueError, match="study workers=0"):
+        StudyConfig(workers=0)
     with pytest.raises(ValueError, match=r"study encoders: \['vit\+gpt'\].*accepted values: vit\+bert_pretrained"):
         StudyConfig(encoders=["vit+gpt"])

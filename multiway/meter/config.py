@@ -12,6 +12,7 @@ The paper's grid axes are fields here: ``fusion.kind`` (``co_attention`` | ``mer
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -173,6 +174,11 @@ class MeterConfig:
     # the grid before fusion; "fused_mean" (METER's code) fuses the grid alone and pools the mean of the fused
     # image tokens.
     image_pooling: ImagePooling = "prepend_mean"
+    # std of the normal init of every new layer (projections, fusion, decoder, heads). METER's 0.02 (BERT's) is
+    # tuned for width 768: each such linear layer has a gain of 0.02·√width, 0.55 there but 0.11 at width 32,
+    # where two post-LN fusion layers then mix in ~1% of the other modality at init. ``tiny_config`` keeps
+    # METER's gain instead: 0.02·√(768 / fusion.width).
+    init_std: float = 0.02
 
     def __post_init__(self) -> None:
         for name, cls in _SECTIONS.items():
@@ -180,6 +186,8 @@ class MeterConfig:
             if isinstance(value, dict):
                 setattr(self, name, from_dict(cls, value, name))
         check_literals(self)
+        if not self.init_std > 0:
+            raise ValueError(f"init_std={self.init_std!r}: expected a positive std for the new layers' normal init")
         if self.fusion.width % self.decoder.num_heads:
             raise ValueError(
                 f"fusion.width={self.fusion.width} is not divisible by decoder.num_heads={self.decoder.num_heads}; "
@@ -266,7 +274,13 @@ def tiny_config(
         architecture=architecture,
         decoder=dataclasses.replace(TINY_DECODER),
         objectives=ObjectiveConfig(**objectives),
+        init_std=width_scaled_init_std(TINY_FUSION["width"]),
     )
+
+
+def width_scaled_init_std(width: int, reference_width: int = 768, reference_std: float = 0.02) -> float:
+    """The init std that gives a ``width``-wide linear layer the gain METER's 0.02 gives at width 768."""
+    return reference_std * math.sqrt(reference_width / width)
 
 
 def _paper(vision: VisionEncoderConfig, text_name: str = "roberta", vocab: int = 50265, **kw: Any) -> MeterConfig:

@@ -70,9 +70,8 @@ class Decoder(nn.Module):
         )
         self.norm = LayerNorm32(H) if f.norm_first else nn.Identity()
         self.lm_head = nn.Linear(H, vocab_size)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.positions.weight, std=0.02)
-        nn.init.normal_(self.cls_query, std=0.02)
+        for table in (self.embed.weight, self.positions.weight, self.cls_query):
+            nn.init.normal_(table, std=cfg.init_std)
 
     def forward(self, ids: Tensor | None, memory: Tensor, memory_pad: Tensor | None, padding_mask: Tensor | None = None) -> Tensor:
         if ids is None:
@@ -146,18 +145,18 @@ class METERModel(nn.Module):
         self._init_new_layers()
 
     def _init_new_layers(self) -> None:
-        """BERT init (N(0, 0.02), zero bias, LN = 1/0) for every module that is not a pretrained encoder."""
+        """BERT init (N(0, ``init_std``), zero bias, LN = 1/0) for every module that is not a pretrained encoder."""
         for name, m in self.named_modules():
             if name.split(".")[0] in ("vision", "text"):
                 continue
             if isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, std=0.02)
+                nn.init.normal_(m.weight, std=self.config.init_std)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.type_embed.weight, std=0.02)
+        nn.init.normal_(self.type_embed.weight, std=self.config.init_std)
 
     # --- unimodal -------------------------------------------------------------------------------------------
 
@@ -290,10 +289,10 @@ def classifier(dim_in: int, hidden: int, num_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dim_in, hidden), LayerNorm32(hidden), nn.GELU(), nn.Linear(hidden, num_out))
 
 
-def _init_heads(module: nn.Module) -> None:
+def _init_heads(module: nn.Module, std: float) -> None:
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
+            nn.init.normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
@@ -342,7 +341,7 @@ class METERForPretraining(_Wrapper):
             self.mim_head = nn.Sequential(nn.Linear(H, H), nn.GELU(), LayerNorm32(H), nn.Linear(H, mim_classes or patch_pixels))
         for head in (self.mlm_head, self.itm_head, self.mim_head):
             if head is not None:
-                _init_heads(head)
+                _init_heads(head, self.config.init_std)
 
 
 class METERForVQA(_Wrapper):
@@ -357,7 +356,7 @@ class METERForVQA(_Wrapper):
         super().__init__(meter, **model_kwargs)
         F_ = self.meter.feature_dim
         self.head = classifier(F_, F_, num_labels)
-        _init_heads(self.head)
+        _init_heads(self.head, self.config.init_std)
 
     def forward(self, image: Tensor, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         return self.head(self.meter.features(self.meter.encode(image, text_ids, padding_mask)))
@@ -386,7 +385,7 @@ class METERForNLVR2(_Wrapper):
         super().__init__(meter, **model_kwargs)
         F_ = self.meter.feature_dim
         self.head = classifier(2 * F_, F_, 2)
-        _init_heads(self.head)
+        _init_heads(self.head, self.config.init_std)
 
     def forward(self, image: Tensor, image2: Tensor, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         m = self.meter
@@ -404,7 +403,7 @@ class METERForRetrieval(_Wrapper):
     def __init__(self, meter: METERModel | MeterConfig | str, itm_head: nn.Linear | None = None, **model_kwargs):
         super().__init__(meter, **model_kwargs)
         self.rank_head = nn.Linear(self.meter.feature_dim, 1)
-        _init_heads(self.rank_head)
+        _init_heads(self.rank_head, self.config.init_std)
         if itm_head is not None:  # as METER: start from the ITM head's "match" row
             with torch.no_grad():
                 self.rank_head.weight.copy_(itm_head.weight[1:])

@@ -110,6 +110,7 @@ class StudyConfig:
     num_images: int = 400  # scenes of the built-in data when it is generated
     num_pairs: int = 6000  # NLVR2 statements of the built-in data (80% train): the two-image task needs thousands
     num_threads: int = 1  # tiny models on a shared CPU: one thread is many times faster than contended ones
+    workers: int = 1  # runs side by side in this many processes (num_threads each); the table does not depend on it
     java_caption_metrics: bool = False  # True: the full COCO caption metrics (PTB tokenizer, METEOR; slow)
 
     def __post_init__(self) -> None:
@@ -130,6 +131,8 @@ class StudyConfig:
                 raise ValueError(f"study {option}: {bad} not supported; accepted values: {', '.join(accepted)}")
         if not self.seeds:
             raise ValueError("study seeds: empty; give at least one seed (three or more for a spread)")
+        if self.workers < 1:
+            raise ValueError(f"study workers={self.workers}: expected at least 1 (processes running cells side by side)")
 
 
 # --- data -------------------------------------------------------------------------------------------------
@@ -304,6 +307,30 @@ def run_study(cfg: StudyConfig, progress: bool = True) -> list[dict[str, Any]]:
         torch.set_num_threads(threads)
 
 
+Job = tuple[tuple[str, str, str, str, float], int]  # (cell, seed)
+
+
+def _run_job(cfg: StudyConfig, job: Job, data: StudyData, text_dirs: dict[str, Path]) -> dict[str, Any]:
+    (f, a, o, e, top), seed = job
+    cell_cfg = dataclasses.replace(cfg, seed=seed, lr_mult_top=top, lr_mult_head=cfg.lr_mult_head if top == cfg.lr_mult_top else 1.0)
+    mc = cell_config(cell_cfg, f, a, o, e, data, text_dirs.get(ENCODERS[e][1]))
+    t0 = time.perf_counter()
+    run = {"fusion": f, "architecture": a, "objectives": o, "encoders": e, "lr_mult_top": top, "seed": seed}
+    run.update(run_cell(cell_cfg, mc, data))
+    run["cell_s"] = time.perf_counter() - t0
+    return run
+
+
+_WORKER_DATA: dict[str, StudyData] = {}  # one worker process loads the study's data once
+
+
+def _worker_job(cfg: StudyConfig, job: Job, text_dirs: dict[str, Path]) -> dict[str, Any]:
+    torch.set_num_threads(cfg.num_threads)
+    if "data" not in _WORKER_DATA:
+        _WORKER_DATA["data"] = load_study_data(cfg)
+    return _run_job(cfg, job, _WORKER_DATA["data"], text_dirs)
+
+
 def _run_study(cfg: StudyConfig, progress: bool) -> list[dict[str, Any]]:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,23 +342,32 @@ def _run_study(cfg: StudyConfig, progress: bool) -> list[dict[str, Any]]:
             text_dirs[text] = pretrain_text_encoder(
                 out / f"text_{text}_pretrained", data, text, cfg.text_pretrain_steps, cfg.batch_size, cfg.seed
             )
-    runs: list[dict[str, Any]] = []
-    cells = grid_cells(cfg)
     priors = task_priors(data)
-    total = len(cells) * len(cfg.seeds)
-    for i, ((f, a, o, e, top), seed) in enumerate((c, s) for c in cells for s in cfg.seeds):
-        cell_cfg = dataclasses.replace(cfg, seed=seed, lr_mult_top=top, lr_mult_head=cfg.lr_mult_head if top == cfg.lr_mult_top else 1.0)
-        mc = cell_config(cell_cfg, f, a, o, e, data, text_dirs.get(ENCODERS[e][1]))
-        t0 = time.perf_counter()
-        run = {"fusion": f, "architecture": a, "objectives": o, "encoders": e, "lr_mult_top": top, "seed": seed}
-        run.update(run_cell(cell_cfg, mc, data))
-        run["cell_s"] = time.perf_counter() - t0
-        runs.append(run)
+    jobs: list[Job] = [(c, s) for c in grid_cells(cfg) for s in cfg.seeds]
+    done: dict[int, dict[str, Any]] = {}
+
+    def finished(i: int, run: dict[str, Any]) -> None:
+        done[i] = run
         if progress:
             scores = ", ".join(f"{k}={_fmt(v)}" for k, v in run.items() if k not in CELL_KEYS)
-            logger.info("meter study %d/%d %s %s %s %s lr x%g seed %d: %s", i + 1, total, f, a, o, e, top, seed, scores)
-        write_results(aggregate(runs), cfg, out, runs, priors)
-    return aggregate(runs)
+            logger.info("meter study %d/%d (run %d) %s %s %s %s lr x%g seed %d: %s", len(done), len(jobs), i + 1, run["fusion"],
+                        run["architecture"], run["objectives"], run["encoders"], run["lr_mult_top"], run["seed"], scores)
+        # the grid's order, whatever order the workers finish in
+        write_results(aggregate([done[k] for k in sorted(done)]), cfg, out, [done[k] for k in sorted(done)], priors)
+
+    workers = min(cfg.workers, len(jobs))
+    if workers <= 1:
+        for i, job in enumerate(jobs):
+            finished(i, _run_job(cfg, job, data, text_dirs))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {pool.submit(_worker_job, cfg, job, text_dirs): i for i, job in enumerate(jobs)}
+            for fut in as_completed(futures):
+                finished(futures[fut], fut.result())
+    return aggregate([done[k] for k in sorted(done)])
 
 
 def grid_cells(cfg: StudyConfig) -> list[tuple[str, str, str, str, float]]:
