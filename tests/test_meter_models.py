@@ -39,6 +39,25 @@ def test_every_encoder_pair_runs(vision, text):
     assert logits.shape == (2, 7) and torch.isfinite(logits).all()
 
 
+@pytest.mark.parametrize("vision", ["vit", "swin", "multiway"])
+def test_tiny_config_width(vision):
+    """``width`` scales the encoders, the fusion and the new layers' init together; the default is the width-32 model."""
+    from multiway.meter.config import width_scaled_init_std
+
+    wide = tiny_config(vision, "bert", width=64)
+    model = METERModel(wide).eval()
+    img, ids, pad = _batch()
+    out = model.encode(img, ids, pad)
+    assert out.text.shape == (2, 10, 64) and model.text.width == 64 and wide.fusion.ffn_dim == 128
+    assert wide.vision.kwargs["embed_dim"] == (32 if vision == "swin" else 64)  # Swin's last stage doubles its first
+    assert wide.init_std == pytest.approx(width_scaled_init_std(64)) and wide.init_std < tiny_config(vision).init_std
+    narrow = tiny_config(vision)
+    assert narrow.fusion.width == 32 and narrow.text.kwargs["hidden_size"] == 32
+    assert narrow.vision.kwargs["embed_dim"] == (16 if vision == "swin" else 32)
+    with pytest.raises(ValueError, match="width=30: expected a multiple of 4"):
+        tiny_config(vision, width=30)
+
+
 @pytest.mark.parametrize("fusion", ["co_attention", "merged_attention"])
 @pytest.mark.parametrize("arch", ["encoder_only", "encoder_decoder"])
 def test_fusion_architecture_heads(fusion, arch):

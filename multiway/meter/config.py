@@ -260,22 +260,45 @@ TINY_DECODER = DecoderConfig(depth=1, num_heads=2, ffn_dim=64, max_len=32, num_s
 
 
 def tiny_config(
-    vision: str = "vit", text: str = "bert", fusion: str = "co_attention", architecture: str = "encoder_only", **objectives: Any
+    vision: str = "vit", text: str = "bert", fusion: str = "co_attention", architecture: str = "encoder_only", width: int = 32,
+    **objectives: Any,
 ) -> MeterConfig:
-    """A tiny METER (fusion width 32) over the named tiny encoders; ``objectives`` override :class:`ObjectiveConfig`."""
+    """A tiny METER over the named tiny encoders; ``objectives`` override :class:`ObjectiveConfig`.
+
+    ``width`` (a multiple of 4) sets the encoders' and the fusion's width, FFNs at twice it (Swin's first stage at half
+    of it), and the new layers' init std (:func:`width_scaled_init_std`)."""
     if vision not in TINY_VISION:
         raise ValueError(f"vision={vision!r} is not a tiny vision encoder; accepted values: {sorted(TINY_VISION)}")
     if text not in TINY_TEXT:
         raise ValueError(f"text={text!r} is not a tiny text encoder; accepted values: {sorted(TINY_TEXT)}")
+    if width < 4 or width % 4:
+        raise ValueError(f"width={width}: expected a multiple of 4 (2 heads, and Swin's first stage at half the width)")
     return MeterConfig(
-        vision=dataclasses.replace(TINY_VISION[vision], kwargs=dict(TINY_VISION[vision].kwargs)),
-        text=dataclasses.replace(TINY_TEXT[text], kwargs=dict(TINY_TEXT[text].kwargs)),
-        fusion=FusionConfig(kind=fusion, **TINY_FUSION),
+        vision=tiny_vision(vision, width),
+        text=tiny_text(text, width),
+        fusion=FusionConfig(kind=fusion, **{**TINY_FUSION, "width": width, "ffn_dim": 2 * width}),
         architecture=architecture,
-        decoder=dataclasses.replace(TINY_DECODER),
+        decoder=dataclasses.replace(TINY_DECODER, ffn_dim=2 * width),
         objectives=ObjectiveConfig(**objectives),
-        init_std=width_scaled_init_std(TINY_FUSION["width"]),
+        init_std=width_scaled_init_std(width),
     )
+
+
+def tiny_vision(name: str, width: int = 32) -> VisionEncoderConfig:
+    """The tiny vision encoder ``name`` (:data:`TINY_VISION`) at ``width``."""
+    kwargs = dict(TINY_VISION[name].kwargs)
+    kwargs["embed_dim"] = width // 2 if name == "swin" else width
+    if "ffn_dim" in kwargs:
+        kwargs["ffn_dim"] = 2 * width
+    return dataclasses.replace(TINY_VISION[name], kwargs=kwargs)
+
+
+def tiny_text(name: str, width: int = 32) -> TextEncoderConfig:
+    """The tiny text encoder ``name`` (:data:`TINY_TEXT`) at ``width``."""
+    kwargs = dict(TINY_TEXT[name].kwargs)
+    if "hidden_size" in kwargs:
+        kwargs.update(hidden_size=width, intermediate_size=2 * width)
+    return dataclasses.replace(TINY_TEXT[name], width=width, kwargs=kwargs)
 
 
 def width_scaled_init_std(width: int, reference_width: int = 768, reference_std: float = 0.02) -> float:

@@ -35,7 +35,7 @@ from ..downstream.tasks import EvalSettings, get_task
 from ..downstream.tasks.base import task_options_fields
 from ..log import get_logger
 from ..train.loop import train
-from .config import TINY_TEXT, MeterConfig, tiny_config
+from .config import MeterConfig, tiny_config, tiny_text
 from .model import METERForPretraining, count_parameters
 from .objectives import TextSpec, load_mim_tokenizer
 from .optim import train_config
@@ -99,6 +99,7 @@ class StudyConfig:
     batch_size: int = 16
     max_len: int = 24
     img_size: int = 32
+    width: int = 32  # encoders and fusion (tiny_config's width)
     lr: float = 2e-4  # "bottom" lr; top x5, heads x10 (tiny models from scratch need more than the paper's 1e-5)
     lr_mult_top: float = 5.0
     lr_mult_head: float = 10.0
@@ -211,7 +212,9 @@ def _collate(samples: list) -> dict:
 # --- a locally pre-trained text encoder -------------------------------------------------------------------
 
 
-def pretrain_text_encoder(out_dir: str | Path, data: StudyData, text_cfg_name: str, steps: int, batch_size: int, seed: int) -> Path:
+def pretrain_text_encoder(
+    out_dir: str | Path, data: StudyData, text_cfg_name: str, steps: int, batch_size: int, seed: int, width: int = 32
+) -> Path:
     """MLM-pretrain a tiny transformers encoder on the data set's captions; ``save_pretrained`` to ``out_dir``."""
     from transformers import AutoConfig, AutoModelForMaskedLM
 
@@ -221,7 +224,7 @@ def pretrain_text_encoder(out_dir: str | Path, data: StudyData, text_cfg_name: s
     if (out / "config.json").is_file():
         return out
     torch.manual_seed(seed)
-    tc = TINY_TEXT[text_cfg_name]
+    tc = tiny_text(text_cfg_name, width)
     kwargs = dict(tc.kwargs, vocab_size=data.spec.vocab_size, pad_token_id=data.spec.pad_id, max_position_embeddings=tc.max_len + 3)
     model = AutoModelForMaskedLM.from_config(AutoConfig.for_model(tc.name, **kwargs))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -249,7 +252,7 @@ def cell_config(
     cfg: StudyConfig, fusion: str, arch: str, objectives: str, encoders: str, data: StudyData, text_dir: Path | None
 ) -> MeterConfig:
     vision, text, pretrained = ENCODERS[encoders]
-    mc = tiny_config(vision, text, fusion, arch, **OBJECTIVES[objectives])
+    mc = tiny_config(vision, text, fusion, arch, cfg.width, **OBJECTIVES[objectives])
     mc.text.vocab_size = data.spec.vocab_size
     mc.text.max_len = max(mc.text.max_len, cfg.max_len)
     if pretrained:
@@ -340,7 +343,7 @@ def _run_study(cfg: StudyConfig, progress: bool) -> list[dict[str, Any]]:
         _, text, pretrained = ENCODERS[enc]
         if pretrained and text not in text_dirs:
             text_dirs[text] = pretrain_text_encoder(
-                out / f"text_{text}_pretrained", data, text, cfg.text_pretrain_steps, cfg.batch_size, cfg.seed
+                out / f"text_{text}_pretrained_w{cfg.width}", data, text, cfg.text_pretrain_steps, cfg.batch_size, cfg.seed, cfg.width
             )
     priors = task_priors(data)
     jobs: list[Job] = [(c, s) for c in grid_cells(cfg) for s in cfg.seeds]
