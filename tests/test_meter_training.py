@@ -284,6 +284,29 @@ def test_default_grid_resolves_every_claim_in_principle():
         assert f["evidence"] and not f["finding"].startswith("cannot resolve"), f
 
 
+def test_masked_words_check_measures_the_image(builtin):
+    """The check's two passes use the same masks: a fusion that cannot see the image (its image projection zeroed)
+    scores exactly the same beside other images; the training's RNG stream is left as it was."""
+    from multiway.meter.model import METERForPretraining
+    from multiway.meter.study import StudyConfig, cell_config, load_study_data, masked_words_check
+
+    cfg = StudyConfig(data_dir=str(builtin), batch_size=8, max_eval_items=24)
+    data = load_study_data(cfg)
+    mc = cell_config(cfg, "co_attention", "encoder_only", "mlm+itm", "vit+embedding", data, None)
+    torch.manual_seed(0)
+    model = METERForPretraining(mc, pad_id=data.spec.pad_id, bos_id=data.spec.bos_id, eos_id=data.spec.eos_id)
+    pairs = data.splits["retrieval/val"]
+    rng_before = torch.get_rng_state()
+    seeing = masked_words_check(model, pairs, data.spec, mc.objectives, 8, seed=3)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert set(seeing) == {"mlm_acc", "mlm_acc_blind", "mlm_image_gain"} and 0 <= seeing["mlm_acc"] <= 100
+    with torch.no_grad():
+        model.meter.image_proj.weight.zero_()
+        model.meter.image_proj.bias.zero_()
+    blind = masked_words_check(model, pairs, data.spec, mc.objectives, 8, seed=3)
+    assert blind["mlm_image_gain"] == 0.0 and blind["mlm_acc"] == blind["mlm_acc_blind"]
+
+
 def test_study_workers_give_the_same_table(builtin, tmp_path):
     """Runs side by side in worker processes give the runs of one process, in the grid's order."""
     from multiway.meter.study import FAST, StudyConfig, run_study
