@@ -173,3 +173,14 @@ def test_missing_local_weights(tmp_path):
     mw.weights = str(tmp_path / "absent.pth")
     with pytest.raises(FileNotFoundError, match=r"vision\.weights="):
         VisionEncoder(mw)
+
+
+def test_nlvr2_second_image_type_starts_from_the_first():
+    """As METER's NLVR2 fine-tuning: the second image's type embedding (untrained in pre-training) := the first's."""
+    meter = METERModel(tiny_config("vit", "bert"))
+    with torch.no_grad():
+        meter.type_embed.weight[1] += 1.0  # as if pre-trained
+    first, text = meter.type_embed.weight[1].clone(), meter.type_embed.weight[0].clone()
+    nlvr2 = METERForNLVR2(meter)
+    rows = nlvr2.meter.type_embed.weight
+    assert torch.equal(rows[2], first) and torch.equal(rows[1], first) and torch.equal(rows[0], text)

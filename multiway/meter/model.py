@@ -386,6 +386,10 @@ class METERForNLVR2(_Wrapper):
         F_ = self.meter.feature_dim
         self.head = classifier(2 * F_, F_, 2)
         _init_heads(self.head, self.config.init_std)
+        # METER starts the second image's type embedding from the first's (pre-training never trains row 2); a
+        # released NLVR2 checkpoint loaded afterwards brings its own rows
+        with torch.no_grad():
+            self.meter.type_embed.weight[IMAGE2_TYPE] = self.meter.type_embed.weight[IMAGE_TYPE]
 
     def forward(self, image: Tensor, image2: Tensor, text_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         m = self.meter
