@@ -330,3 +330,21 @@ def test_study_rejects_unknown_axis_values():
         StudyConfig(workers=0)
     with pytest.raises(ValueError, match=r"study encoders: \['vit\+gpt'\].*accepted values: vit\+bert_pretrained"):
         StudyConfig(encoders=["vit+gpt"])
+
+
+def test_retrieval_chance_matches_random_rankings():
+    """The closed form equals the retrieval average of random rankings (recall computed by the shared metric)."""
+    from multiway.downstream.metrics import retrieval_recall
+    from multiway.meter.study import retrieval_chance
+
+    caption_images = ["a"] * 3 + ["b"] * 5 + ["c"] * 2 + ["d"] * 4 + [f"x{i}" for i in range(8)]
+    images = sorted(set(caption_images))
+    text_to_image = torch.tensor([images.index(c) for c in caption_images])
+    g = torch.Generator().manual_seed(0)
+
+    def random_average() -> float:  # iid random features: every ranking equally likely, in both directions
+        image_feats, text_feats = torch.randn(len(images), 16, generator=g), torch.randn(len(caption_images), 16, generator=g)
+        return retrieval_recall(image_feats, torch.arange(len(images)), text_feats, text_to_image)["average"]
+
+    averages = [random_average() for _ in range(2000)]
+    assert sum(averages) / len(averages) == pytest.approx(retrieval_chance(caption_images), abs=0.6)

@@ -431,7 +431,8 @@ def grid_cells(cfg: StudyConfig) -> list[tuple[str, str, str, str, float]]:
 
 def task_priors(data: StudyData) -> dict[str, float]:
     """What the validation metrics give without looking at the input: NLVR2 accuracy of the training majority class,
-    VQA score of always answering the training split's highest-scoring answer."""
+    VQA score of always answering the training split's highest-scoring answer, retrieval's average of a random
+    ranking (:func:`retrieval_chance`)."""
     from collections import Counter
 
     def items(ds: Any) -> list[dict[str, Any]]:
@@ -441,6 +442,9 @@ def task_priors(data: StudyData) -> dict[str, float]:
     train, val = items(data.splits["nlvr2/train"]), items(data.splits["nlvr2/val"])
     majority = Counter(int(it["label"]) for it in train).most_common(1)[0][0]
     priors["nlvr2_acc"] = 100.0 * sum(int(it["label"]) == majority for it in val) / max(1, len(val))
+    pairs = items(data.splits["retrieval/val"]) if "retrieval/val" in data.splits else []
+    if pairs:
+        priors["ret_avg"] = retrieval_chance([str(it["image_path"]) for it in pairs])
     answer_mass: Counter[int] = Counter()
     for it in items(data.splits["vqa/train"]):
         for label, score in zip(it.get("labels") or [], it.get("scores") or []):
@@ -451,6 +455,21 @@ def task_priors(data: StudyData) -> dict[str, float]:
         got = [dict(zip(it.get("labels") or [], it.get("scores") or [])).get(top, 0.0) for it in val_vqa]
         priors["vqa_score"] = 100.0 * sum(got) / max(1, len(got))
     return priors
+
+
+def retrieval_chance(caption_images: list[str], ks: tuple[int, ...] = (1, 5, 10)) -> float:
+    """The expected retrieval average (mean of IR and TR R@k, in %) of a random ranking, given each caption's image.
+
+    IR: a caption finds its image among ``n_images`` in the top k with probability k / n_images. TR: an image with
+    c captions among ``n`` finds one of them in the top k with probability 1 - C(n - c, k) / C(n, k)."""
+    from collections import Counter
+    from math import comb
+
+    per_image = Counter(caption_images)
+    n, n_images = len(caption_images), len(per_image)
+    ir = [min(1.0, k / n_images) for k in ks]
+    tr = [sum(1 - comb(n - c, k) / comb(n, k) for c in per_image.values()) / n_images for k in ks]
+    return 100.0 * (sum(ir) / len(ks) + sum(tr) / len(ks)) / 2
 
 
 def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
