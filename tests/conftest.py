@@ -103,3 +103,22 @@ class TrainWorker:
 def worker() -> TrainWorker:
     """The training worker of the loop and fault tests (see :class:`TrainWorker`)."""
     return TrainWorker()
+
+
+@pytest.fixture(scope="session")
+def dense_shapes_data(tmp_path_factory):
+    """The built-in scenes with their dense annotations (boxes, masks, segmentation maps, CoNLL), generated once
+    per image size and test process: ``dense_shapes_data(64)`` -> the data folder."""
+    from multiway.data.shapes import generate_synthetic_dataset
+    from multiway.dense.builtin import write_dense_data
+
+    made: dict[int, Path] = {}
+
+    def folder(img_size: int) -> Path:
+        if img_size not in made:
+            out = generate_synthetic_dataset(tmp_path_factory.mktemp(f"shapes{img_size}"), num_images=30, num_pairs=10,
+                                             imagenet_per_class=2, img_size=img_size, progress=False)
+            made[img_size] = write_dense_data(out)
+        return made[img_size]
+
+    return folder

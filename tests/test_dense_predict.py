@@ -25,13 +25,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    from multiway.data.shapes import generate_synthetic_dataset
-    from multiway.dense.builtin import write_dense_data
-
-    out = generate_synthetic_dataset(tmp_path_factory.mktemp("shapes"), num_images=30, num_pairs=10, imagenet_per_class=2,
-                                     img_size=32, progress=False)
-    return write_dense_data(out)
+def shapes_dir(dense_shapes_data):
+    return dense_shapes_data(32)
 
 
 def _finetune(task: str, shapes_dir, out_dir, init: str | None = None, steps: int = 1, options: dict | None = None) -> dict:
