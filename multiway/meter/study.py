@@ -312,8 +312,8 @@ def masked_words_check(
 ) -> dict[str, float]:
     """How much the pre-trained model reads the image: the masked-token accuracy (MLM, or span corruption for the
     encoder-decoder) on held-out pairs with their images (``mlm_acc``) and with the same masks beside another pair's
-    image (``mlm_acc_blind``, :class:`~multiway.downstream.evaluation.OtherImages`), in %, and their difference
-    ``mlm_image_gain`` in points."""
+    image (``mlm_acc_blind``, :class:`~multiway.downstream.evaluation.OtherImages`), in % (batch accuracies averaged
+    over pairs), and their difference ``mlm_image_gain`` in points."""
     from .objectives import pretraining_loss
 
     mlm_only = dataclasses.replace(objectives, itm=False, mim=False)
@@ -391,8 +391,8 @@ def _run_study(cfg: StudyConfig, progress: bool) -> list[dict[str, Any]]:
             scores = ", ".join(f"{k}={_fmt(v)}" for k, v in run.items() if k not in CELL_KEYS)
             logger.info("meter study %d/%d (run %d) %s %s %s %s lr x%g seed %d: %s", len(done), len(jobs), i + 1, run["fusion"],
                         run["architecture"], run["objectives"], run["encoders"], run["lr_mult_top"], run["seed"], scores)
-        # the grid's order, whatever order the workers finish in
-        write_results(aggregate([done[k] for k in sorted(done)]), cfg, out, [done[k] for k in sorted(done)], priors)
+        runs = [done[k] for k in sorted(done)]  # the grid's order, whatever order the workers finish in
+        write_results(aggregate(runs), cfg, out, runs, priors)
 
     workers = min(cfg.workers, len(jobs))
     if workers <= 1:
