@@ -80,6 +80,10 @@ def test_other_images_keeps_texts_and_labels_and_swaps_the_images(task, data):
     swapped = [images(x) for x in OtherImages(runs)]
     assert [torch.equal(x, images(ds[k])) for x, k in zip(swapped, [1, 1, 1, 2, 2, 0])] == [True] * 6
     assert other.items is ds.items  # attributes the evaluation reads come from the wrapped dataset
+    # through a DataLoader too: a Subset's __getitems__ (which the loader prefers) must not bypass the swap
+    for wrapped in (other, OtherImages(torch.utils.data.Subset(ds, range(len(ds))))):
+        batch = next(iter(torch.utils.data.DataLoader(wrapped, batch_size=len(ds), collate_fn=list)))
+        assert all(torch.equal(images(b), images(wrapped[i])) for i, b in enumerate(batch))
     torch.manual_seed(0)
     n = ds.num_labels if task == "vqav2" else 2
     model = _model(task, n)

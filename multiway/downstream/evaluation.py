@@ -121,7 +121,9 @@ class OtherImages(Dataset):
         return item
 
     def __getattr__(self, name: str) -> Any:  # label2answer, items, tokenizer ... of the wrapped dataset
-        if name == "dataset":
+        # never the protocol methods: a DataLoader calls a Subset's ``__getitems__`` if it finds one, which would
+        # hand back the wrapped examples with their own images
+        if name == "dataset" or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
