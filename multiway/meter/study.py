@@ -315,6 +315,7 @@ def masked_words_check(
     image (``mlm_acc_blind``, :class:`~multiway.downstream.evaluation.OtherImages`), in % (batch accuracies averaged
     over pairs), and their difference ``mlm_image_gain`` in points."""
     from .objectives import pretraining_loss
+    from .tasks import _batches
 
     mlm_only = dataclasses.replace(objectives, itm=False, mim=False)
     was_training = model.training
@@ -324,8 +325,7 @@ def masked_words_check(
         state = torch.get_rng_state()
         torch.manual_seed(seed)  # the same masks for both passes
         hits = total = 0.0
-        for start in range(0, len(ds), batch_size):
-            batch = _collate([ds[i] for i in range(start, min(start + batch_size, len(ds)))])
+        for batch in _batches(ds, _collate, batch_size):
             _, logs = pretraining_loss(model, batch, spec, mlm_only)
             n = batch["language_tokens"].shape[0]
             hits, total = hits + logs["mlm/acc"] * n, total + n
